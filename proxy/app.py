@@ -1,0 +1,249 @@
+"""``create_app``: routes, the one middleware, and the resources' lifetimes. Wiring only.
+
+The middleware does the cross-cutting work for every request: the request id, timing,
+rendering errors in the route's dialect, and at the end one ``request_finished`` log line
+and the metrics, both from the same ``Exchange``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aioprometheus.collectors import Registry
+from aioprometheus.renderer import render
+
+from proxy import __version__
+from proxy.chat import chat_route
+from proxy.config import Config
+from proxy.dialects import dialect_for
+from proxy.errors import ProxyError, RateLimitedError, RouteNotFoundError
+from proxy.exchange import EXCHANGE, Exchange
+from proxy.gateway import GATEWAY, Gateway
+from proxy.metrics import Metrics
+from proxy.routes import ROUTES, relay_route
+
+log = structlog.get_logger("proxy.access")
+
+# The gateway's own probes are neither metered as traffic nor logged at info.
+_UNMETERED = frozenset({"/health", "/health/ollama", "/metrics"})
+_REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID")
+    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+@web.middleware
+async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    resource = request.match_info.route.resource
+    exchange = Exchange(
+        request_id=_request_id(request),
+        method=request.method,
+        endpoint=resource.canonical if resource is not None else "other",
+        dialect=dialect_for(request.path),
+        started=time.monotonic(),
+    )
+    exchange.headers["X-Request-ID"] = exchange.request_id
+    request[EXCHANGE] = exchange
+    structlog.contextvars.bind_contextvars(request_id=exchange.request_id)
+    outcome = "error"
+    try:
+        try:
+            response = await handler(request)
+        except ProxyError as err:
+            response = error_response(exchange, err)
+            outcome = _outcome_of(err)
+        except web.HTTPException as exc:
+            response = error_response(exchange, _from_http(exc))
+        except Exception:
+            log.exception("request_failed")
+            response = error_response(exchange, ProxyError("internal gateway error"))
+        else:
+            if not response.prepared:
+                response.headers.update(exchange.headers)
+            exchange.status = exchange.status or response.status
+            outcome = "error" if exchange.error_type or exchange.status >= 400 else "success"
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client went away (handler_cancellation) or a write to it failed.
+        outcome = "cancelled"
+        raise
+    finally:
+        finish(gateway, exchange, outcome)
+        structlog.contextvars.clear_contextvars()
+    return response
+
+
+def _outcome_of(err: ProxyError) -> str:
+    if isinstance(err, RateLimitedError):
+        return "rate_limited"
+    if err.reject_reason is not None:
+        return "rejected"
+    return "error"
+
+
+def _from_http(exc: web.HTTPException) -> ProxyError:
+    err = RouteNotFoundError(
+        "no such route" if exc.status == 404 else f"method not allowed ({exc.reason})"
+    )
+    err.status = exc.status
+    return err
+
+
+def error_response(exchange: Exchange, err: ProxyError) -> web.Response:
+    exchange.status = err.status
+    if err.error_type is not None:
+        exchange.error_type = err.error_type
+    exchange.error = err.message
+    exchange.reject_reason = err.reject_reason
+    headers = dict(exchange.headers)
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
+    return web.Response(
+        status=err.status,
+        body=exchange.dialect.error_body(err.status, err.message, err.code),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def finish(gateway: Gateway, ex: Exchange, outcome: str) -> None:
+    """Record one finished exchange as metrics and one log line. Never awaits."""
+    duration_s = time.monotonic() - ex.started
+    if ex.endpoint in _UNMETERED:
+        log.debug("request_finished", endpoint=ex.endpoint, status=ex.status)
+        return
+    m = gateway.metrics
+    model = gateway.watch.model_label(ex.model)
+    m.requests.inc(
+        {"method": ex.method, "endpoint": ex.endpoint, "model": model, "status": outcome}
+    )
+    m.duration.observe({"endpoint": ex.endpoint, "model": model}, duration_s)
+    if ex.error_type is not None and outcome == "error":
+        m.errors.inc({"error_type": ex.error_type})
+    ttft_s = None
+    if ex.streamed and ex.first_chunk_at is not None:
+        ttft_s = ex.first_chunk_at - ex.started
+        m.ttft.observe({"endpoint": ex.endpoint, "model": model}, ttft_s)
+    if ex.queue_wait_s is not None:
+        m.queue_wait.observe({}, ex.queue_wait_s)
+    if ex.prompt_tokens:
+        m.prompt_tokens.add({"model": model}, ex.prompt_tokens)
+    if ex.completion_tokens:
+        m.completion_tokens.add({"model": model}, ex.completion_tokens)
+    if ex.tokens_per_second is not None:
+        m.tokens_per_second.observe({"model": model}, ex.tokens_per_second)
+    if ex.load_duration_s is not None:
+        m.load_duration.observe({"model": model}, ex.load_duration_s)
+    if outcome == "rate_limited":
+        m.rate_limited.inc({"client": ex.client})
+    elif outcome == "rejected" and ex.reject_reason is not None:
+        m.rejected.inc({"reason": ex.reject_reason})
+    elif outcome == "cancelled":
+        m.disconnects.inc(
+            {"phase": "streaming" if ex.phase in {"upstream", "streaming"} else "queued"}
+        )
+    log.log(
+        30 if outcome == "error" else 20,
+        "request_finished",
+        method=ex.method,
+        endpoint=ex.endpoint,
+        model=ex.model,
+        client=ex.client,
+        status=ex.status,
+        outcome=outcome,
+        error_type=ex.error_type,
+        error=ex.error,
+        duration_s=round(duration_s, 6),
+        queue_wait_s=_round(ex.queue_wait_s),
+        ttfb_s=_round(ex.first_byte_at - ex.started if ex.first_byte_at else None),
+        ttft_s=_round(ttft_s),
+        prompt_tokens=ex.prompt_tokens,
+        completion_tokens=ex.completion_tokens,
+        tokens_per_second=_round(ex.tokens_per_second),
+        load_duration_s=_round(ex.load_duration_s),
+        bytes_out=ex.bytes_out,
+        retries=ex.retries,
+    )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Also the gate's state, for a person looking."""
+    gateway = request.app[GATEWAY]
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "upstream_up": gateway.watch.last.reachable,
+            "active": gateway.gate.active,
+            "queued": gateway.gate.queued,
+            "slots": gateway.gate.slots,
+        },
+        headers=request[EXCHANGE].headers,
+    )
+
+
+async def health_upstream(request: web.Request) -> web.Response:
+    """Readiness: the upstream answers and has the default model."""
+    ready, body = await request.app[GATEWAY].watch.readiness()
+    body["status"] = "ok" if ready else "unavailable"
+    return web.json_response(body, status=200 if ready else 503, headers=request[EXCHANGE].headers)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    body, headers = render(gateway.metrics.registry, request.headers.getall("Accept", []))
+    return web.Response(body=body, headers={**headers, **request[EXCHANGE].headers})
+
+
+def create_app(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    registry: Registry | None = None,
+) -> web.Application:
+    """The gateway as an aiohttp application; run it with ``handler_cancellation=True``."""
+    app = web.Application(
+        middlewares=[exchange_middleware],
+        # The body limit is enforced while reading (413 in the route's dialect).
+        client_max_size=config.server.max_body_bytes + 1,
+    )
+    gateway = Gateway.build(config, clock, Metrics(registry))
+    app[GATEWAY] = gateway
+    for method, path in ROUTES:
+        if method == "GET":
+            app.router.add_get(path, relay_route)  # and HEAD, as Ollama answers it
+        else:
+            app.router.add_route(method, path, relay_route)
+    app.router.add_post("/chat", chat_route)
+    app.router.add_get("/health", health)
+    app.router.add_get("/health/ollama", health_upstream)
+    app.router.add_get("/metrics", metrics)
+    app.cleanup_ctx.append(_upstream_lifetime)
+    return app
+
+
+async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    await gateway.upstream.start()
+    # The first look is awaited so that metric labels are right from the first request.
+    gateway.watch.record(await gateway.watch.look(timeout_s=2.0))
+    probe = asyncio.create_task(gateway.watch.run())
+    yield
+    probe.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
+    await gateway.upstream.close()

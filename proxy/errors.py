@@ -1,0 +1,122 @@
+"""The gateway's own errors: each type carries its status, code and metric labels.
+
+Errors are classified by type, never by message text, and rendered in one place
+(``app.error_middleware``) in the dialect of the route.
+"""
+
+from __future__ import annotations
+
+# Bounded label sets for ``ollama_errors_total{error_type}`` and
+# ``ollama_rejected_total{reason}``: metrics pre-create every value at zero.
+ERROR_TYPES = (
+    "ConnectError",
+    "TimeoutError",
+    "UpstreamStatus",
+    "StreamInterrupted",
+    "InvalidRequest",
+    "InternalError",
+)
+REJECT_REASONS = (
+    "queue_full",
+    "queue_timeout",
+    "unauthorized",
+    "forbidden",
+    "too_large",
+    "invalid",
+)
+
+
+class ProxyError(Exception):
+    """Base class: rendered as ``status`` with ``code`` in the route's dialect."""
+
+    status = 500
+    code = "internal_error"
+    error_type: str | None = "InternalError"
+    reject_reason: str | None = None
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequestError(ProxyError):
+    status = 400
+    code = "invalid_request"
+    error_type = "InvalidRequest"
+    reject_reason = "invalid"
+
+
+class BodyTooLargeError(ProxyError):
+    status = 413
+    code = "request_too_large"
+    error_type = None
+    reject_reason = "too_large"
+
+
+class UnauthorizedError(ProxyError):
+    status = 401
+    code = "invalid_api_key"
+    error_type = None
+    reject_reason = "unauthorized"
+
+
+class ForbiddenError(ProxyError):
+    status = 403
+    code = "forbidden"
+    error_type = None
+    reject_reason = "forbidden"
+
+
+class RouteNotFoundError(ProxyError):
+    status = 404
+    code = "not_found"
+    error_type = None
+
+
+class UnsupportedByBackendError(ProxyError):
+    """An Ollama-native route was called while the upstream speaks only the OpenAI API."""
+
+    status = 501
+    code = "unsupported_by_backend"
+    error_type = None
+
+
+class RateLimitedError(ProxyError):
+    status = 429
+    code = "rate_limit_exceeded"
+    error_type = None
+
+
+class QueueFullError(ProxyError):
+    status = 503
+    code = "queue_full"
+    error_type = None
+    reject_reason = "queue_full"
+
+
+class QueueTimeoutError(ProxyError):
+    status = 503
+    code = "queue_timeout"
+    error_type = None
+    reject_reason = "queue_timeout"
+
+
+class UpstreamConnectError(ProxyError):
+    status = 502
+    code = "upstream_unavailable"
+    error_type = "ConnectError"
+
+
+class UpstreamTimeoutError(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+    error_type = "TimeoutError"
+
+
+class StreamInterruptedError(ProxyError):
+    """The upstream failed after the response headers reached the client."""
+
+    status = 502
+    code = "stream_interrupted"
+    error_type = "StreamInterrupted"

@@ -1,0 +1,68 @@
+"""The gateway's long-lived parts, built once per app from the config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.access import Access
+from proxy.concurrency import Gate
+from proxy.config import Config
+from proxy.health import UpstreamWatch
+from proxy.metrics import Metrics
+from proxy.policy import Policy
+from proxy.ratelimit import Limit, RateLimiter
+from proxy.upstream import Upstream
+
+
+@dataclass(slots=True)
+class Gateway:
+    config: Config
+    clock: Callable[[], float]
+    metrics: Metrics
+    upstream: Upstream
+    watch: UpstreamWatch
+    access: Access
+    policy: Policy
+    limiter: RateLimiter
+    gate: Gate
+
+    @classmethod
+    def build(cls, config: Config, clock: Callable[[], float], metrics: Metrics) -> Gateway:
+        limits = config.limits
+        upstream = Upstream(config.upstream, on_retry=lambda: metrics.retries.inc({}))
+        gate = Gate(
+            slots=limits.parallel,
+            max_queue=limits.max_queue,
+            max_queue_per_client=limits.max_queue_per_client,
+            queue_timeout_s=limits.queue_timeout_s,
+            clock=clock,
+        )
+
+        def publish_gate() -> None:
+            metrics.active.set({}, gate.active)
+            metrics.queued.set({}, gate.queued)
+
+        gate.on_change = publish_gate
+        metrics.slots.set({}, limits.parallel)
+        metrics.queue_capacity.set({}, limits.max_queue)
+        return cls(
+            config=config,
+            clock=clock,
+            metrics=metrics,
+            upstream=upstream,
+            watch=UpstreamWatch(config, upstream, metrics),
+            access=Access(config),
+            policy=Policy(config),
+            limiter=RateLimiter(
+                Limit(limits.requests_per_minute, limits.burst),
+                max_clients=limits.max_clients,
+                clock=clock,
+            ),
+            gate=gate,
+        )
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,137 @@
+"""What the gateway reads, checks and changes in a request body before it goes upstream.
+
+It reads only what it needs: the model (for the allowlist and metric labels), ``stream``,
+the context size it may clamp, and the sizes behind a token estimate. A body is
+re-serialised only when something in it changed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.errors import BodyTooLargeError, ForbiddenError, InvalidRequestError
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A request body as the gateway will send it, and what it learned from it."""
+
+    body: bytes
+    model: str | None = None
+    stream: bool = False
+    strip_usage: bool = False
+    token_estimate: int = 0
+    clamped_num_ctx: int | None = None
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole request body, refused with 413 past ``max_bytes`` without reading it all."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise BodyTooLargeError(f"request body over the {max_bytes}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLargeError(f"request body over the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise InvalidRequestError("missing request body: expected a JSON object")
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return obj
+
+
+def field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], label: str) -> Any:
+    """``obj[name]`` if present and of ``kind``; 400 naming the field otherwise."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and kind is not bool and bool not in _as_tuple(kind):
+        raise InvalidRequestError(f"field '{name}' must be {label}")
+    if not isinstance(value, kind):
+        raise InvalidRequestError(f"field '{name}' must be {label}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+class Policy:
+    def __init__(self, config: Config) -> None:
+        self.max_context_length = config.limits.max_context_length
+        self.default_max_tokens = config.limits.default_max_tokens
+        self.allowlist = frozenset(config.models.allowlist)
+
+    def check_model(self, model: str | None) -> None:
+        if not self.allowlist or model is None:
+            return
+        if model in self.allowlist or with_tag(model) in self.allowlist:
+            return
+        raise ForbiddenError(f"model '{model}' is not allowed on this gateway")
+
+    def prepare(self, raw: bytes, *, openai: bool, generates: bool) -> Prepared:
+        """Validate and adjust an inference body (native or OpenAI-compatible)."""
+        obj = parse_object(raw)
+        model = field(obj, "model", str, "a string")
+        self.check_model(model)
+        stream_value = field(obj, "stream", bool, "true or false")
+        # Native streams unless told not to; OpenAI-compatible does not unless asked.
+        stream = bool(stream_value) if openai else stream_value is not False
+        options = field(obj, "options", dict, "an object") or {}
+        changed = False
+        prepared = Prepared(body=raw, model=model, stream=stream)
+
+        num_ctx = options.get("num_ctx")
+        if num_ctx is not None:
+            if isinstance(num_ctx, bool) or not isinstance(num_ctx, int):
+                raise InvalidRequestError("field 'options.num_ctx' must be an integer")
+            if self.max_context_length and num_ctx > self.max_context_length:
+                options["num_ctx"] = self.max_context_length
+                prepared.clamped_num_ctx = num_ctx
+                changed = True
+
+        if openai and stream and generates:
+            stream_options = field(obj, "stream_options", dict, "an object") or {}
+            if not stream_options.get("include_usage"):
+                # Ask for usage on the client's behalf; the relay strips it again.
+                obj["stream_options"] = {**stream_options, "include_usage": True}
+                prepared.strip_usage = True
+                changed = True
+
+        max_tokens = (
+            field(obj, "max_tokens", int, "an integer")
+            or field(obj, "max_completion_tokens", int, "an integer")
+            if openai
+            else field(options, "num_predict", int, "an integer")
+        )
+        if generates:
+            completion = max_tokens if max_tokens and max_tokens > 0 else self.default_max_tokens
+        else:
+            completion = 0
+        # About four bytes of English per token: an estimate, settled with real counts later.
+        prepared.token_estimate = len(raw) // 4 + completion
+        if changed:
+            if options:
+                obj["options"] = options
+            prepared.body = json.dumps(obj, separators=(",", ":")).encode()
+        return prepared
+
+
+def with_tag(model: str) -> str:
+    """Ollama's implicit tag: ``llama3.2`` is ``llama3.2:latest``."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"

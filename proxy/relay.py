@@ -1,0 +1,167 @@
+"""Copying an upstream response to the client: status, filtered headers, the body stream.
+
+Each chunk is written as it arrives (``readany`` coalesces what is already buffered, and
+``write`` waits when the client reads slowly, so backpressure reaches the upstream). When
+the upstream fails after the headers went out, the stream ends with an error frame in the
+client's dialect, never with a fake ``done: true`` or ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.dialects import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
+from proxy.exchange import Exchange
+from proxy.streams import JsonScanner, NdjsonScanner, Scanner, SseScanner
+from proxy.upstream import forward_response_headers
+
+log = structlog.get_logger("proxy.relay")
+
+
+def scanner_for(content_type: str, *, status: int, strip_usage: bool, openai: bool) -> Scanner:
+    """Pick how to read a body from the response's Content-Type, not the request's Accept."""
+    if content_type == NDJSON_CONTENT_TYPE and status == 200:
+        return NdjsonScanner()
+    if content_type == SSE_CONTENT_TYPE and status == 200:
+        return SseScanner(strip_usage=strip_usage)
+    if content_type == JSON_CONTENT_TYPE:
+        return JsonScanner(openai=openai)
+    return Scanner()
+
+
+def is_stream(content_type: str) -> bool:
+    return content_type in (NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE)
+
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    exchange: Exchange,
+    *,
+    idle_timeout_s: float,
+    strip_usage: bool = False,
+    require_end: bool = False,
+    deadline: float | None = None,
+) -> web.StreamResponse:
+    """Relay ``upstream`` to the client and record what the body said in ``exchange``.
+
+    ``require_end``: a generation stream must end with ``done: true`` or ``[DONE]``; one
+    that just stops was cut short. (Pull progress ends with a status line instead.)
+    """
+    content_type = upstream.content_type
+    streamed = is_stream(content_type)
+    scanner = scanner_for(
+        content_type,
+        status=upstream.status,
+        strip_usage=strip_usage,
+        openai=exchange.dialect.is_openai,
+    )
+    headers = forward_response_headers(upstream.headers)
+    headers.update(exchange.headers)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    if not streamed and not strip_usage and upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    exchange.status = upstream.status
+    exchange.streamed = streamed
+    exchange.phase = "streaming"
+    await response.prepare(request)
+    exchange.first_byte_at = time.monotonic()
+    if request.method == "HEAD":
+        await response.write_eof()
+        return response
+
+    failure = await _copy(
+        upstream, response, scanner, exchange, idle_timeout_s=idle_timeout_s, deadline=deadline
+    )
+    if failure is None:
+        _record_usage(scanner, exchange, streamed=streamed)
+        if scanner.error is not None:
+            # The upstream's own error frame was already relayed in the client's dialect.
+            exchange.fail("StreamInterrupted", scanner.error)
+        elif require_end and streamed and not scanner.complete and upstream.status == 200:
+            failure = ("StreamInterrupted", "the upstream ended the stream without finishing it")
+    if failure is not None:
+        await _interrupted(request, response, exchange, failure, streamed=streamed)
+    else:
+        await response.write_eof()
+    return response
+
+
+Failure = tuple[str, str]  # (error type, message)
+
+
+async def _copy(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    scanner: Scanner,
+    exchange: Exchange,
+    *,
+    idle_timeout_s: float,
+    deadline: float | None,
+) -> Failure | None:
+    """The hot loop: read what the upstream has, write it, until EOF or a failure."""
+    content = upstream.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except TimeoutError:
+            return "TimeoutError", f"the upstream sent nothing for {idle_timeout_s:g} s"
+        except aiohttp.ClientError as exc:
+            return "StreamInterrupted", f"the upstream connection failed ({type(exc).__name__})"
+        if not chunk:
+            break
+        now = time.monotonic()
+        if exchange.first_chunk_at is None:
+            exchange.first_chunk_at = now
+        if deadline is not None and now > deadline:
+            return "TimeoutError", "the response took longer than the total timeout"
+        out = scanner.feed(chunk)
+        if out:
+            exchange.bytes_out += len(out)
+            await response.write(out)
+    tail = scanner.finish()
+    if tail:
+        exchange.bytes_out += len(tail)
+        await response.write(tail)
+    return None
+
+
+def _record_usage(scanner: Scanner, exchange: Exchange, *, streamed: bool) -> None:
+    usage = scanner.usage
+    if usage is not None:
+        exchange.prompt_tokens = usage.prompt_tokens
+        exchange.completion_tokens = usage.completion_tokens
+        exchange.tokens_per_second = usage.tokens_per_second
+        exchange.load_duration_s = usage.load_duration_s
+    elif streamed and scanner.content_chunks and exchange.dialect.is_openai:
+        # Backends that ignore stream_options.include_usage (llama-cpp-python's server)
+        # send one token per content chunk: the chunk count is the completion count.
+        exchange.completion_tokens = scanner.content_chunks
+
+
+async def _interrupted(
+    request: web.Request,
+    response: web.StreamResponse,
+    exchange: Exchange,
+    failure: Failure,
+    *,
+    streamed: bool,
+) -> None:
+    error_type, message = failure
+    exchange.fail(error_type, message)
+    log.warning("upstream_stream_interrupted", error_type=error_type, detail=message)
+    if streamed:
+        frame = exchange.dialect.error_frame(message, "stream_interrupted")
+        exchange.bytes_out += len(frame)
+        await response.write(frame)
+        await response.write_eof()
+    else:
+        # A half-sent JSON document cannot carry an error: cut the connection so the client
+        # sees a truncated body instead of a complete-looking one.
+        response.force_close()
+        if request.transport is not None:
+            request.transport.abort()

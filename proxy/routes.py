@@ -1,0 +1,213 @@
+"""The route table and the relaying handlers.
+
+An inference request's story, in order (cheap checks first, and a gate slot held only
+while the upstream works, never during a slow upload):
+
+    identify -> rate limit -> read + validate body -> take a gate slot -> open upstream -> relay
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.streams import StreamReader
+
+from proxy.access import Principal
+from proxy.errors import RateLimitedError, UnsupportedByBackendError, UpstreamTimeoutError
+from proxy.exchange import EXCHANGE, Exchange
+from proxy.gateway import GATEWAY, Gateway
+from proxy.policy import read_body
+from proxy.relay import relay
+from proxy.upstream import Attempts, forward_request_headers
+
+INFERENCE = "inference"  # rate limited, gated, body read and checked
+METADATA = "metadata"  # authenticated, relayed as is
+ADMIN = "admin"  # model management: admin key only
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    kind: str
+    generates: bool = False  # produces completion tokens (not an embedding)
+    openai: bool = False
+    streams_body: bool = False  # request body relayed as a stream (model blobs: gigabytes)
+
+
+ROUTES: dict[tuple[str, str], RouteSpec] = {
+    ("POST", "/api/generate"): RouteSpec(INFERENCE, generates=True),
+    ("POST", "/api/chat"): RouteSpec(INFERENCE, generates=True),
+    ("POST", "/api/embed"): RouteSpec(INFERENCE),
+    ("POST", "/api/embeddings"): RouteSpec(INFERENCE),
+    ("POST", "/api/show"): RouteSpec(METADATA),
+    ("GET", "/api/tags"): RouteSpec(METADATA),
+    ("GET", "/api/ps"): RouteSpec(METADATA),
+    ("GET", "/api/version"): RouteSpec(METADATA),
+    ("GET", "/"): RouteSpec(METADATA),
+    ("POST", "/api/pull"): RouteSpec(ADMIN),
+    ("POST", "/api/push"): RouteSpec(ADMIN),
+    ("POST", "/api/create"): RouteSpec(ADMIN),
+    ("POST", "/api/copy"): RouteSpec(ADMIN),
+    ("DELETE", "/api/delete"): RouteSpec(ADMIN),
+    ("HEAD", "/api/blobs/{digest}"): RouteSpec(ADMIN),
+    ("POST", "/api/blobs/{digest}"): RouteSpec(ADMIN, streams_body=True),
+    ("POST", "/v1/chat/completions"): RouteSpec(INFERENCE, generates=True, openai=True),
+    ("POST", "/v1/completions"): RouteSpec(INFERENCE, generates=True, openai=True),
+    ("POST", "/v1/embeddings"): RouteSpec(INFERENCE, openai=True),
+    ("GET", "/v1/models"): RouteSpec(METADATA, openai=True),
+    ("GET", "/v1/models/{model:.+}"): RouteSpec(METADATA, openai=True),
+}
+# By aiohttp's canonical form of each path (``{model:.+}`` becomes ``{model}``).
+_BY_CANONICAL = {(m, re.sub(r"\{(\w+):[^}]+\}", r"{\1}", p)): s for (m, p), s in ROUTES.items()}
+
+
+def spec_for(method: str, endpoint: str) -> RouteSpec:
+    spec = _BY_CANONICAL.get((method, endpoint))
+    if spec is None and method == "HEAD":  # aiohttp answers HEAD on GET routes
+        spec = _BY_CANONICAL.get(("GET", endpoint))
+    if spec is None:  # pragma: no cover - every registered route has a spec
+        raise web.HTTPMethodNotAllowed(method, [])
+    return spec
+
+
+async def relay_route(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    exchange = request[EXCHANGE]
+    spec = spec_for(request.method, exchange.endpoint)
+    if not spec.openai and gateway.config.upstream.kind != "ollama":
+        raise UnsupportedByBackendError(
+            "this gateway's upstream speaks only the OpenAI-compatible API "
+            "(upstream.kind: openai); use /v1/* or /chat"
+        )
+    principal = gateway.access.identify(request)
+    exchange.client = principal.name
+    if spec.kind == ADMIN:
+        gateway.access.require_admin(principal)
+    if spec.kind == INFERENCE:
+        return await infer(request, gateway, exchange, principal, spec)
+    body: bytes | StreamReader | None = None
+    if spec.streams_body:
+        body = request.content
+    elif request.can_read_body:
+        body = await read_body(request, gateway.config.server.max_body_bytes)
+    return await forward(request, gateway, exchange, body)
+
+
+def admit(gateway: Gateway, exchange: Exchange, principal: Principal) -> None:
+    """Take a request from the client's and the global bucket, or refuse with 429."""
+    decision = gateway.limiter.admit(principal.bucket, principal.limit)
+    exchange.headers.update(decision.headers())
+    if not decision.admitted:
+        exchange.headers["Retry-After"] = str(decision.retry_after_s)
+        raise RateLimitedError(
+            f"rate limit exceeded ({decision.scope}: {decision.limit} requests per minute "
+            f"per client); retry in {decision.retry_after_s} s",
+            retry_after_s=decision.retry_after_s,
+        )
+
+
+def reserve_tokens(
+    gateway: Gateway, exchange: Exchange, principal: Principal, estimate: int
+) -> None:
+    if principal.limit.tokens_per_minute <= 0:
+        return
+    decision = gateway.limiter.reserve_tokens(principal.bucket, principal.limit, estimate)
+    if not decision.admitted:
+        exchange.headers["Retry-After"] = str(decision.retry_after_s)
+        raise RateLimitedError(
+            f"token rate limit exceeded ({int(principal.limit.tokens_per_minute)} tokens per "
+            f"minute); retry in {decision.retry_after_s} s",
+            retry_after_s=decision.retry_after_s,
+        )
+
+
+async def infer(
+    request: web.Request,
+    gateway: Gateway,
+    exchange: Exchange,
+    principal: Principal,
+    spec: RouteSpec,
+) -> web.StreamResponse:
+    admit(gateway, exchange, principal)
+    raw = await read_body(request, gateway.config.server.max_body_bytes)
+    prepared = gateway.policy.prepare(raw, openai=spec.openai, generates=spec.generates)
+    exchange.model = prepared.model
+    if prepared.clamped_num_ctx is not None:
+        exchange.headers["X-Context-Length-Clamped"] = str(prepared.clamped_num_ctx)
+    reserve_tokens(gateway, exchange, principal, prepared.token_estimate)
+    try:
+        exchange.phase = "queued"
+        async with gateway.gate.slot(principal.bucket) as waited_s:
+            exchange.queue_wait_s = waited_s
+            exchange.phase = "upstream"
+            return await forward(
+                request,
+                gateway,
+                exchange,
+                prepared.body,
+                strip_usage=prepared.strip_usage,
+                generates=spec.generates,
+            )
+    finally:
+        if principal.limit.tokens_per_minute > 0:
+            actual = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+            gateway.limiter.settle_tokens(
+                principal.bucket, principal.limit, prepared.token_estimate, actual
+            )
+
+
+async def forward(
+    request: web.Request,
+    gateway: Gateway,
+    exchange: Exchange,
+    body: bytes | StreamReader | None,
+    *,
+    strip_usage: bool = False,
+    generates: bool = False,
+) -> web.StreamResponse:
+    """Open the upstream request and relay its response."""
+    cfg = gateway.config.upstream
+    headers = forward_request_headers(
+        request.headers, peer=request.remote, request_id=exchange.request_id, api_key=cfg.api_key
+    )
+    deadline = time.monotonic() + cfg.total_timeout_s if cfg.total_timeout_s else None
+    attempts = Attempts()
+    try:
+        async with asyncio.timeout_at(_loop_deadline(deadline)):
+            upstream = await gateway.upstream.open(
+                request.method, request.path_qs, headers, body, attempts
+            )
+    except TimeoutError:
+        raise UpstreamTimeoutError(
+            f"the upstream did not answer within the total timeout of {cfg.total_timeout_s:g} s"
+        ) from None
+    finally:
+        exchange.retries = attempts.retries
+    try:
+        if upstream.status >= 400:
+            exchange.fail("UpstreamStatus", f"the upstream answered {upstream.status}")
+        return await relay(
+            request,
+            upstream,
+            exchange,
+            idle_timeout_s=cfg.idle_timeout_s,
+            strip_usage=strip_usage,
+            require_end=generates,
+            deadline=deadline,
+        )
+    finally:
+        if upstream.content.is_eof():
+            upstream.release()  # keep the connection for the next request
+        else:
+            upstream.close()  # the client left or the stream broke: Ollama must stop now
+
+
+def _loop_deadline(deadline: float | None) -> float | None:
+    """``time.monotonic()`` and the loop clock agree on Linux; convert for other loops."""
+    if deadline is None:
+        return None
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())

@@ -1,0 +1,274 @@
+"""Reading a relayed body for its statistics without slowing it down.
+
+A scanner sees every upstream chunk on its way to the client. It returns the bytes to
+forward (unchanged, except for the usage frames the gateway asked for on the client's
+behalf), and it learns how the body ended: the final statistics, a proper end of stream
+(``done: true`` or ``data: [DONE]``), or an in-stream error. Only the few lines that can
+hold those facts are parsed; the rest is searched with ``bytes.find``, which runs in C.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# A final Ollama line with a large ``context`` array can be hundreds of KB; Ollama's own Go
+# client allows 8 MB. Beyond this, the gateway keeps relaying but stops looking.
+MAX_SCAN_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    eval_duration_s: float | None = None
+    load_duration_s: float | None = None
+    done_reason: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.completion_tokens and self.eval_duration_s:
+            return self.completion_tokens / self.eval_duration_s
+        return None
+
+
+def usage_from_native(obj: dict[str, Any]) -> Usage:
+    """Statistics from Ollama's final object; a missing field means zero (``omitempty``)."""
+    eval_ns = obj.get("eval_duration")
+    load_ns = obj.get("load_duration")
+    return Usage(
+        prompt_tokens=int(obj.get("prompt_eval_count") or 0),
+        completion_tokens=int(obj.get("eval_count") or 0),
+        eval_duration_s=eval_ns / 1e9 if isinstance(eval_ns, int | float) and eval_ns else None,
+        load_duration_s=load_ns / 1e9 if isinstance(load_ns, int | float) else None,
+        done_reason=obj.get("done_reason"),
+    )
+
+
+def usage_from_openai(obj: dict[str, Any]) -> Usage | None:
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return Usage(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+    )
+
+
+def _error_message(obj: dict[str, Any]) -> str | None:
+    error = obj.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or "upstream error")
+    if error:
+        return str(error)
+    return None
+
+
+def _loads(raw: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class Scanner:
+    """Base: forward everything, learn nothing. Subclasses look for statistics."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.error: str | None = None
+        self.complete = False
+        self.content_chunks = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def finish(self) -> bytes:
+        """Called at upstream EOF; returns any bytes still held back."""
+        self.complete = True
+        return b""
+
+
+class JsonScanner(Scanner):
+    """A single JSON document (non-streamed answers and errors), read at EOF.
+
+    The body is still forwarded chunk by chunk; a copy is kept to parse at the end.
+    """
+
+    def __init__(self, *, openai: bool) -> None:
+        super().__init__()
+        self._openai = openai
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._size <= MAX_SCAN_BYTES:
+            self._parts.append(chunk)
+            self._size += len(chunk)
+        return chunk
+
+    def finish(self) -> bytes:
+        self.complete = True
+        if self._size > MAX_SCAN_BYTES:
+            return b""
+        obj = _loads(b"".join(self._parts))
+        self._parts.clear()
+        if obj is None:
+            return b""
+        self.error = _error_message(obj)
+        if self.error is None:
+            self.usage = usage_from_openai(obj) if self._openai else usage_from_native(obj)
+        return b""
+
+
+class NdjsonScanner(Scanner):
+    """Ollama's native stream: one JSON object per line, statistics on the ``done`` line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._hold(data)
+            return chunk
+        self.content_chunks += data.count(b"\n", 0, end + 1)
+        if data.find(b'"done":true', 0, end) >= 0 or data.find(b'"error"', 0, end) >= 0:
+            for line in data[:end].split(b"\n"):
+                self._inspect(line)
+        self._hold(data[end + 1 :])
+        return chunk
+
+    def _hold(self, tail: bytes) -> None:
+        self._pending = tail if len(tail) <= MAX_SCAN_BYTES else b""
+
+    def _inspect(self, line: bytes) -> None:
+        if b'"done":true' not in line and b'"error"' not in line:
+            return
+        obj = _loads(line)
+        if obj is None:
+            return
+        error = _error_message(obj)
+        if error is not None:
+            self.error = error
+        elif obj.get("done") is True:
+            self.complete = True
+            self.content_chunks -= 1  # the statistics line carries no new token
+            self.usage = usage_from_native(obj)
+
+    def finish(self) -> bytes:
+        if self._pending.strip():
+            self._inspect(self._pending)
+        self._pending = b""
+        return b""
+
+
+_CONTENT_KEYS = (b'"content":', b'"text":')
+
+
+def count_content(data: bytes, end: int) -> int:
+    """Frames' worth of non-empty ``content``/``text`` values in ``data[:end]``.
+
+    Inside a JSON string a quote is always escaped, so a bare ``"content":`` is a key.
+    Python servers write ``": "`` with a space, Go servers without.
+    """
+    count = 0
+    for key in _CONTENT_KEYS:
+        i = data.find(key, 0, end)
+        while i >= 0:
+            j = i + len(key)
+            if data[j : j + 1] == b" ":
+                j += 1
+            if data[j : j + 1] == b'"' and data[j + 1 : j + 2] not in (b'"', b""):
+                count += 1
+            i = data.find(key, j, end)
+    return count
+
+
+class SseScanner(Scanner):
+    """OpenAI-style SSE: ``data: {json}`` frames ending with ``data: [DONE]``.
+
+    With ``strip_usage`` the gateway asked for ``stream_options.include_usage`` on the
+    client's behalf, so it drops the usage-only chunk (``choices: []``) and the zeroed
+    per-chunk ``usage`` of ``/v1/completions`` before they reach the client. Frames end in
+    a blank line, ``\n\n`` from Go servers and ``\r\n\r\n`` from sse-starlette.
+    """
+
+    def __init__(self, *, strip_usage: bool) -> None:
+        super().__init__()
+        self._strip = strip_usage
+        self._pending = b""
+        self._sep = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        if not self._sep:
+            if b"\r\n\r\n" in data:
+                self._sep = b"\r\n\r\n"
+            elif b"\n\n" in data:
+                self._sep = b"\n\n"
+            else:
+                self._hold(data)
+                return b""
+        sep = self._sep
+        end = data.rfind(sep)
+        if end < 0:
+            self._hold(data)
+            return b""
+        end += len(sep)
+        self._hold(data[end:])
+        if (
+            data.find(b'"usage"', 0, end) < 0
+            and data.find(b'"error"', 0, end) < 0
+            and data.find(b"[DONE]", 0, end) < 0
+        ):
+            self.content_chunks += count_content(data, end)
+            return data if end == len(data) else data[:end]
+        out = []
+        for frame in data[: end - len(sep)].split(sep):
+            kept = self._filter(frame)
+            if kept is not None:
+                out.append(kept + sep)
+        return b"".join(out)
+
+    def _hold(self, tail: bytes) -> None:
+        self._pending = tail if len(tail) <= MAX_SCAN_BYTES else b""
+
+    def _filter(self, frame: bytes) -> bytes | None:
+        """The frame to forward, rewritten or dropped where usage must not reach the client."""
+        start = frame.find(b"{")
+        if start < 0:
+            if frame.startswith(b"data:") and frame[5:].strip() == b"[DONE]":
+                self.complete = True
+            return frame
+        self.content_chunks += count_content(frame, len(frame))
+        obj = _loads(frame[start:]) if b'"usage"' in frame or b'"error"' in frame else None
+        if obj is None:
+            return frame
+        self.error = _error_message(obj) or self.error
+        usage = usage_from_openai(obj)
+        if usage is not None and obj.get("choices") == []:
+            self.usage = usage
+            return None if self._strip else frame
+        if usage is not None and self._strip:
+            # /v1/completions repeats a zeroed usage on every chunk when usage was asked for.
+            del obj["usage"]
+            return frame[:start] + json.dumps(obj, separators=(",", ":")).encode()
+        return frame
+
+    def finish(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+def content_chunk_frame_text(frame: dict[str, Any]) -> str:
+    """The text a parsed OpenAI chunk carries (chat delta or completion text)."""
+    parts = []
+    for choice in frame.get("choices") or ():
+        delta = choice.get("delta") or {}
+        parts.append(delta.get("content") or choice.get("text") or "")
+    return "".join(parts)

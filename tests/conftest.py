@@ -1,0 +1,156 @@
+"""Fixtures: the fake Ollama and the real gateway, each on a socket bound to port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from loadtest.fake_ollama import FakeOllama, FakeOllamaConfig
+from proxy.app import create_app
+from proxy.config import parse_config
+from proxy.gateway import GATEWAY, Gateway
+
+MODEL = "llama3.2:latest"
+
+
+class FakeClock:
+    """A clock tests move by hand; the gateway reads it through ``create_app(clock=...)``."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class RunningGateway:
+    server: TestServer
+    app: web.Application
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    async def metrics_text(self) -> str:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.url + "/metrics") as response,
+        ):
+            return await response.text()
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
+    """Generous limits (tests that exercise a limit set it), fast retries."""
+    base = {
+        "upstream": {
+            "url": upstream_url,
+            "default_model": MODEL,
+            "retry_delay_s": 0.01,
+            "retry_max_delay_s": 0.05,
+            "max_retries": 2,
+            # One probe at start-up (reset away below); none during a test.
+            "probe_interval_s": 3600,
+        },
+        "limits": {
+            "requests_per_minute": 1_000_000,
+            "burst": 100_000,
+            "client_requests_per_minute": 1_000_000,
+            "client_burst": 100_000,
+            "max_queue": 256,
+            "max_queue_per_client": 256,
+        },
+        "logging": {"level": "warning", "format": "json"},
+    }
+    return merge(base, sections)
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOllama]:
+    server = FakeOllama(FakeOllamaConfig())
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def gateway_factory(fake: FakeOllama) -> AsyncIterator[GatewayFactory]:
+    servers: list[TestServer] = []
+
+    async def start(
+        upstream_url: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **sections: Any,
+    ) -> RunningGateway:
+        config = parse_config(gateway_config(upstream_url or fake.url, **sections))
+        app = create_app(config, clock=clock)
+        server = TestServer(app, port=0)
+        await server.start_server()
+        servers.append(server)
+        fake.reset()  # forget the start-up probe: tests count what clients caused
+        return RunningGateway(server, app)
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def gateway(gateway_factory: GatewayFactory) -> RunningGateway:
+    return await gateway_factory()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def gate_until(
+    running: RunningGateway, predicate: Callable[[], bool], within_s: float = 5.0
+) -> None:
+    """Wait until ``predicate`` holds, re-checking whenever the gateway's gate changes."""
+    gate = running.gateway.gate
+    changed = asyncio.Event()
+    previous = gate.on_change
+
+    def hook() -> None:
+        previous()
+        changed.set()
+
+    gate.on_change = hook
+    try:
+        async with asyncio.timeout(within_s):
+            while not predicate():
+                changed.clear()
+                await changed.wait()
+    finally:
+        gate.on_change = previous

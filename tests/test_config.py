@@ -1,0 +1,111 @@
+"""Config loading: defaults, YAML, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_match_the_original_design() -> None:
+    """With nothing configured the gateway listens on 8000 in front of localhost:11434."""
+    config = load_config(None, {})
+    assert config.server.port == 8000
+    assert config.upstream.url == "http://localhost:11434"
+    assert config.limits.requests_per_minute == 60
+    assert config.limits.parallel == 1
+    assert config.auth.api_keys == ()
+
+
+def test_shipped_config_yaml_is_valid_and_equals_the_defaults() -> None:
+    """config.yaml documents every key with its default value, so loading it changes nothing."""
+    assert load_config(ROOT / "config.yaml", {}) == load_config(None, {})
+
+
+def test_shipped_config_yaml_lists_every_key() -> None:
+    """Every field of the config tree appears in config.yaml, so none goes undocumented."""
+    import dataclasses
+
+    import yaml
+
+    from proxy.config import Config
+
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for section in dataclasses.fields(Config):
+        sub = getattr(Config(), section.name)
+        for f in dataclasses.fields(sub):
+            assert f.name in raw[section.name], f"{section.name}.{f.name} missing from config.yaml"
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    """Environment variables win over config.yaml, with types parsed."""
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream:\n  url: http://a:1\nlimits:\n  parallel: 2\n")
+    config = load_config(
+        path,
+        {
+            "OLLAMA_URL": "http://b:2",
+            "OLLAMA_NUM_PARALLEL": "3",
+            "ENABLE_STREAMING": "false",
+            "PROXY_API_KEYS": "alice:sk-alice-123,bob:sk-bob-4567:30:5",
+            "TRUSTED_PROXIES": "10.0.0.0/8, 172.16.0.0/12",
+        },
+    )
+    assert config.upstream.url == "http://b:2"
+    assert config.limits.parallel == 3
+    assert config.limits.enable_streaming is False
+    assert [k.name for k in config.auth.api_keys] == ["alice", "bob"]
+    assert config.auth.api_keys[1].requests_per_minute == 30
+    assert config.auth.api_keys[1].burst == 5
+    assert config.server.trusted_proxies == ("10.0.0.0/8", "172.16.0.0/12")
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"limits": {"max_qeue": 3}}, "unknown key limits.max_qeue"),
+        ({"nope": {}}, "unknown key nope"),
+        ({"server": {"port": "80"}}, "server.port: expected an integer"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"upstream": {"url": "localhost:11434"}}, "upstream.url"),
+        ({"upstream": {"kind": "vllm"}}, "upstream.kind"),
+        ({"limits": {"enable_streaming": "yes"}}, "limits.enable_streaming"),
+        ({"limits": {"parallel": 0}}, "limits.parallel"),
+        ({"server": {"trusted_proxies": ["10.0.0.0/33"]}}, "server.trusted_proxies[0]"),
+        ({"auth": {"api_keys": [{"name": "a", "key": "short"}]}}, "auth.api_keys[0].key"),
+        ({"auth": {"api_keys": [{"name": "a", "secret": "x" * 10}]}}, "auth.api_keys[0].secret"),
+        ({"logging": {"level": "loud"}}, "logging.level"),
+    ],
+)
+def test_invalid_values_name_the_key(raw: dict[str, object], needle: str) -> None:
+    """A bad key or value is a startup error whose message names its path."""
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(raw)
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    """A malformed environment variable is reported under its own name."""
+    with pytest.raises(ConfigError, match="MAX_RETRIES"):
+        load_config(None, {"MAX_RETRIES": "many"})
+
+
+def test_duplicate_keys_and_admin_key_reuse_are_refused() -> None:
+    """Two keys with one secret, or an admin key equal to a client key, are refused."""
+    keys = [{"name": "a", "key": "k" * 10}, {"name": "b", "key": "k" * 10}]
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_config({"auth": {"api_keys": keys}})
+    with pytest.raises(ConfigError, match="admin_key"):
+        parse_config({"auth": {"api_keys": keys[:1], "admin_key": "k" * 10}})
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    """Printing a config never shows a key."""
+    config = parse_config(
+        {"auth": {"api_keys": [{"name": "a", "key": "sk-secret-1"}], "admin_key": "admin-secret"}}
+    )
+    assert "sk-secret-1" not in repr(config)
+    assert "admin-secret" not in repr(config)
