@@ -128,7 +128,7 @@ def finish(gateway: Gateway, ex: Exchange, outcome: str) -> None:
         {"method": ex.method, "endpoint": ex.endpoint, "model": model, "status": outcome}
     )
     m.duration.observe({"endpoint": ex.endpoint, "model": model}, duration_s)
-    if ex.error_type is not None and outcome == "error":
+    if ex.error_type is not None and outcome in ("error", "rejected"):
         m.errors.inc({"error_type": ex.error_type})
     ttft_s = None
     if ex.streamed and ex.first_chunk_at is not None:

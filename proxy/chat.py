@@ -22,7 +22,7 @@ from proxy.gateway import GATEWAY, Gateway
 from proxy.policy import field, parse_object, read_body
 from proxy.routes import admit, reserve_tokens
 from proxy.streams import Usage, usage_from_native, usage_from_openai
-from proxy.upstream import Attempts
+from proxy.upstream import Attempts, forward_request_headers
 
 _OPENAI_OPTIONS = {
     "temperature": "temperature",
@@ -91,9 +91,13 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     async with gateway.gate.slot(principal.bucket) as waited_s:
         exchange.queue_wait_s = waited_s
         exchange.phase = "upstream"
-        headers = {"Content-Type": "application/json", "X-Request-ID": exchange.request_id}
-        if gateway.config.upstream.api_key:
-            headers["Authorization"] = f"Bearer {gateway.config.upstream.api_key}"
+        headers = forward_request_headers(
+            request.headers,
+            peer=request.remote,
+            request_id=exchange.request_id,
+            api_key=gateway.config.upstream.api_key,
+        )
+        headers["Content-Type"] = "application/json"
         attempts = Attempts()
         try:
             upstream = await gateway.upstream.open(

