@@ -30,8 +30,8 @@ venv:
     fi
 
 # Run the gateway against the configured Ollama (config.yaml, then environment).
-run *args: venv
-    {{py}} -m proxy serve {{args}}
+run: venv
+    {{py}} -m proxy serve
 
 # Validate the configuration and print what it means.
 check-config: venv
@@ -100,11 +100,20 @@ demo *args: engine
 
 # Build and start the stack, wait until healthy, pull and warm up the model, print the URLs.
 deploy: _env
-    {{compose}} up -d --build
-    {{py}} -m proxy stack wait --compose "{{compose}}"
+    {{compose}} up -d --build --wait
     just pull
     just warmup
-    {{py}} -m proxy stack urls
+    just urls
+
+# Where each part of the stack answers.
+urls:
+    #!/usr/bin/env bash
+    set -a; [ -f deploy/.env ] && . deploy/.env; set +a
+    echo "API (gateway)  http://localhost:${PROXY_PORT:-8000}   try: just chat"
+    echo "Grafana        http://localhost:${GRAFANA_PORT:-3000}   dashboard: Ollama Monitoring - MLOps Dashboard"
+    echo "Prometheus     http://localhost:${PROMETHEUS_PORT:-9090}   alerts: /alerts"
+    echo "Alertmanager   http://localhost:${ALERTMANAGER_PORT:-9093}"
+    echo "cAdvisor       http://localhost:${CADVISOR_PORT:-8080}"
 
 # Start the stack (without building).
 up: _env
@@ -147,7 +156,8 @@ warmup *model: venv
     #!/usr/bin/env bash
     set -euo pipefail
     set -a; [ -f deploy/.env ] && . deploy/.env; set +a
-    "{{py}}" -m proxy warmup {{model}}
+    # The admin key is accepted on every route, so it serves when client keys are set.
+    PROXY_API_KEY="${PROXY_API_KEY:-${PROXY_ADMIN_KEY:-}}" "{{py}}" -m proxy warmup {{model}}
 
 # Validate the stack's files with the real validators (docker-compose, promtool, amtool).
 check-deploy: venv

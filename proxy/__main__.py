@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, default_config_path, load_config
+
+# Client subcommands: each module's add_parser(subparsers) registers its commands with
+# set_defaults(run=<callable(args) -> int>); they run without loading the gateway's config.
+CLIENT_MODULES = ("proxy.ops",)
 
 
 def _load(path: str | None) -> Config:
@@ -96,11 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the gateway")
     sub.add_parser("check-config", help="validate the configuration and exit")
+    for name in CLIENT_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    run = getattr(args, "run", None)
+    if run is not None:
+        return int(run(args))
     try:
         config = _load(args.config)
     except ConfigError as exc:
