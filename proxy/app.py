@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -39,7 +39,7 @@ _REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID")
-    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if given and _REQUEST_ID.match(given) else os.urandom(16).hex()
 
 
 @web.middleware

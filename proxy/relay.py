@@ -22,13 +22,15 @@ from proxy.upstream import forward_response_headers
 log = structlog.get_logger("proxy.relay")
 
 
-def scanner_for(content_type: str, *, status: int, strip_usage: bool, openai: bool) -> Scanner:
+def scanner_for(
+    content_type: str, *, status: int, strip_usage: bool, openai: bool, counts_usage: bool
+) -> Scanner:
     """Pick how to read a body from the response's Content-Type, not the request's Accept."""
     if content_type == NDJSON_CONTENT_TYPE and status == 200:
         return NdjsonScanner()
     if content_type == SSE_CONTENT_TYPE and status == 200:
         return SseScanner(strip_usage=strip_usage)
-    if content_type == JSON_CONTENT_TYPE:
+    if content_type == JSON_CONTENT_TYPE and counts_usage:
         return JsonScanner(openai=openai)
     return Scanner()
 
@@ -44,12 +46,14 @@ async def relay(
     *,
     idle_timeout_s: float,
     strip_usage: bool = False,
+    counts_usage: bool = False,
     require_end: bool = False,
     deadline: float | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream`` to the client and record what the body said in ``exchange``.
 
-    ``require_end``: a generation stream must end with ``done: true`` or ``[DONE]``; one
+    ``counts_usage``: an inference answer, whose statistics are read even when it is not
+    streamed. ``require_end``: a generation stream must end with ``done: true`` or ``[DONE]``; one
     that just stops was cut short. (Pull progress ends with a status line instead.)
     """
     content_type = upstream.content_type
@@ -59,11 +63,13 @@ async def relay(
         status=upstream.status,
         strip_usage=strip_usage,
         openai=exchange.dialect.is_openai,
+        counts_usage=counts_usage,
     )
     headers = forward_response_headers(upstream.headers)
     headers.update(exchange.headers)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    if not streamed and not strip_usage and upstream.content_length is not None:
+    kind = web.StreamResponse if streamed else _WholeResponse
+    response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
+    if not streamed and upstream.content_length is not None:
         response.content_length = upstream.content_length
     exchange.status = upstream.status
     exchange.streamed = streamed
@@ -74,8 +80,14 @@ async def relay(
         await response.write_eof()
         return response
 
-    failure = await _copy(
-        upstream, response, scanner, exchange, idle_timeout_s=idle_timeout_s, deadline=deadline
+    failure, last = await _copy(
+        upstream,
+        response,
+        scanner,
+        exchange,
+        streamed=streamed,
+        idle_timeout_s=idle_timeout_s,
+        deadline=deadline,
     )
     if failure is None:
         _record_usage(scanner, exchange, streamed=streamed)
@@ -87,8 +99,16 @@ async def relay(
     if failure is not None:
         await _interrupted(request, response, exchange, failure, streamed=streamed)
     else:
-        await response.write_eof()
+        await response.write_eof(last)
     return response
+
+
+class _WholeResponse(web.StreamResponse):
+    """A non-streamed answer: its headers leave with the first body bytes and its last
+    chunk with the end marker, so a small answer is one write instead of three (aiohttp's
+    own ``web.Response`` does the same)."""
+
+    _send_headers_immediately = False
 
 
 Failure = tuple[str, str]  # (error type, message)
@@ -100,34 +120,55 @@ async def _copy(
     scanner: Scanner,
     exchange: Exchange,
     *,
+    streamed: bool,
     idle_timeout_s: float,
     deadline: float | None,
-) -> Failure | None:
-    """The hot loop: read what the upstream has, write it, until EOF or a failure."""
+) -> tuple[Failure | None, bytes]:
+    """The hot loop: read what the upstream has, write it, until EOF or a failure.
+
+    A stream's chunks are written as they come. A non-streamed body keeps its latest chunk
+    back, to be written together with the end of the response; returned as the second item.
+    """
     content = upstream.content
+    held = b""
     while True:
-        try:
-            chunk = await content.readany()
-        except TimeoutError:
-            return "TimeoutError", f"the upstream sent nothing for {idle_timeout_s:g} s"
-        except aiohttp.ClientError as exc:
-            return "StreamInterrupted", f"the upstream connection failed ({type(exc).__name__})"
+        chunk = await _read(content, idle_timeout_s)
+        if isinstance(chunk, tuple):
+            return chunk, b""
         if not chunk:
             break
         now = time.monotonic()
         if exchange.first_chunk_at is None:
             exchange.first_chunk_at = now
         if deadline is not None and now > deadline:
-            return "TimeoutError", "the response took longer than the total timeout"
+            return ("TimeoutError", "the response took longer than the total timeout"), b""
         out = scanner.feed(chunk)
         if out:
             exchange.bytes_out += len(out)
-            await response.write(out)
+            if streamed:
+                await response.write(out)
+            else:
+                if held:
+                    await response.write(held)
+                held = out
     tail = scanner.finish()
     if tail:
         exchange.bytes_out += len(tail)
-        await response.write(tail)
-    return None
+        if streamed:
+            await response.write(tail)
+        else:
+            held += tail
+    return None, held
+
+
+async def _read(content: aiohttp.StreamReader, idle_timeout_s: float) -> bytes | Failure:
+    """Whatever the upstream has sent so far (b"" at EOF), or why it failed."""
+    try:
+        return await content.readany()
+    except TimeoutError:
+        return "TimeoutError", f"the upstream sent nothing for {idle_timeout_s:g} s"
+    except aiohttp.ClientError as exc:
+        return "StreamInterrupted", f"the upstream connection failed ({type(exc).__name__})"
 
 
 def _record_usage(scanner: Scanner, exchange: Exchange, *, streamed: bool) -> None:

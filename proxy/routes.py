@@ -149,6 +149,7 @@ async def infer(
                 exchange,
                 prepared.body,
                 strip_usage=prepared.strip_usage,
+                inference=True,
                 generates=spec.generates,
             )
     finally:
@@ -166,6 +167,7 @@ async def forward(
     body: bytes | StreamReader | None,
     *,
     strip_usage: bool = False,
+    inference: bool = False,
     generates: bool = False,
 ) -> web.StreamResponse:
     """Open the upstream request and relay its response."""
@@ -195,6 +197,7 @@ async def forward(
             exchange,
             idle_timeout_s=cfg.idle_timeout_s,
             strip_usage=strip_usage,
+            counts_usage=inference,
             require_end=generates,
             deadline=deadline,
         )

@@ -120,6 +120,8 @@ class Upstream:
             max_field_size=64 * 1024,
             read_bufsize=256 * 1024,
             skip_auto_headers=("User-Agent", "Content-Type"),
+            # Cookies are the client's business, not the gateway's: no jar to keep or consult.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
