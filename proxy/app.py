@@ -28,7 +28,7 @@ from proxy.errors import ProxyError, RateLimitedError, RouteNotFoundError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
 from proxy.metrics import Metrics
-from proxy.routes import ROUTES, relay_route
+from proxy.routes import INFERENCE, ROUTES, relay_route
 
 log = structlog.get_logger("proxy.access")
 
@@ -221,7 +221,8 @@ def create_app(
         # The body limit is enforced while reading (413 in the route's dialect).
         client_max_size=config.server.max_body_bytes + 1,
     )
-    gateway = Gateway.build(config, clock, Metrics(registry))
+    inference = (*(p for (_, p), spec in ROUTES.items() if spec.kind == INFERENCE), "/chat")
+    gateway = Gateway.build(config, clock, Metrics(registry), inference)
     app[GATEWAY] = gateway
     for method, path in ROUTES:
         if method == "GET":

@@ -30,7 +30,13 @@ class Gateway:
     gate: Gate
 
     @classmethod
-    def build(cls, config: Config, clock: Callable[[], float], metrics: Metrics) -> Gateway:
+    def build(
+        cls,
+        config: Config,
+        clock: Callable[[], float],
+        metrics: Metrics,
+        inference_endpoints: tuple[str, ...] = (),
+    ) -> Gateway:
         limits = config.limits
         upstream = Upstream(config.upstream, on_retry=lambda: metrics.retries.inc({}))
         gate = Gate(
@@ -53,7 +59,7 @@ class Gateway:
             clock=clock,
             metrics=metrics,
             upstream=upstream,
-            watch=UpstreamWatch(config, upstream, metrics),
+            watch=UpstreamWatch(config, upstream, metrics, inference_endpoints),
             access=Access(config),
             policy=Policy(config),
             limiter=RateLimiter(

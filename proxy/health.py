@@ -37,10 +37,17 @@ class Snapshot:
 
 
 class UpstreamWatch:
-    def __init__(self, config: Config, upstream: Upstream, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        upstream: Upstream,
+        metrics: Metrics,
+        inference_endpoints: tuple[str, ...] = (),
+    ) -> None:
         self._config = config
         self._upstream = upstream
         self._metrics = metrics
+        self._inference_endpoints = inference_endpoints
         self._is_ollama = config.upstream.kind == "ollama"
         self._known: frozenset[str] = frozenset()
         self._memory_series: list[dict[str, str]] = []
@@ -102,7 +109,13 @@ class UpstreamWatch:
         self._metrics.upstream_up.set({}, 1 if snap.reachable else 0)
         if not snap.reachable:
             return
-        self._known = frozenset(snap.models)
+        known = frozenset(snap.models)
+        if known != self._known:
+            self._known = known
+            # Series for every model label an inference request can get, at zero, so the
+            # first error of a model is seen by increase() and the error-ratio alert.
+            models = sorted(known | {OTHER})
+            self._metrics.initialise_requests(models, self._inference_endpoints)
         self._metrics.loaded_models.set({}, len(snap.loaded))
         for labels in self._memory_series:
             self._metrics.model_memory.set(labels, 0)

@@ -8,6 +8,7 @@ names (else ``anonymous``), outcomes, reasons and error types.
 from __future__ import annotations
 
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
+from aioprometheus.histogram import Histogram as HistogramValue
 
 from proxy import __version__
 from proxy.errors import ERROR_TYPES, REJECT_REASONS
@@ -35,6 +36,14 @@ LOAD_BUCKETS = (
     0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
     640.0,
 )  # fmt: skip
+
+def _ensure_histogram(histogram: Histogram, labels: dict[str, str]) -> None:
+    """An empty histogram series (aioprometheus creates one only on a first observation)."""
+    try:
+        histogram.get_value(labels)
+    except KeyError:
+        histogram.set_value(labels, HistogramValue(*histogram.upper_bounds))
+
 
 STATUSES = ("success", "error", "rate_limited", "rejected", "cancelled")
 DISCONNECT_PHASES = ("queued", "streaming")
@@ -139,6 +148,22 @@ class Metrics:
         )
         self.info = Gauge("ollama_proxy_info", "Gateway build information.", registry=r)
         self._initialise()
+
+    def initialise_requests(self, models: list[str], endpoints: tuple[str, ...]) -> None:
+        """Create the inference series at zero; existing ones keep their values.
+
+        Prometheus's rate() and increase() cannot see the first event of a series that is
+        born with it, and a small box may serve a handful of requests an hour.
+        """
+        for model in models:
+            for endpoint in endpoints:
+                labels = {"endpoint": endpoint, "model": model}
+                for status in STATUSES:
+                    self.requests.add({"method": "POST", **labels, "status": status}, 0)
+                for histogram in (self.duration, self.ttft):
+                    _ensure_histogram(histogram, labels)
+            for counter in (self.prompt_tokens, self.completion_tokens):
+                counter.add({"model": model}, 0)
 
     def _initialise(self) -> None:
         # Series that exist from the start, so increase() sees the first event.
