@@ -147,8 +147,8 @@ async def test_metrics_answer_while_a_hundred_streams_are_in_flight(
     """Scraping during 100 open streams shows them and every stream still completes."""
     gw = await gateway_factory(limits={"parallel": 100})
     fake.config.num_parallel = 100
-    fake.config.tokens = 40
-    fake.config.token_interval_s = 0.01
+    fake.config.tokens = 200
+    fake.config.token_interval_s = 0.05  # long enough to outlast the scrapes on a busy machine
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as many:
         responses = await asyncio.gather(
@@ -162,5 +162,6 @@ async def test_metrics_answer_while_a_hundred_streams_are_in_flight(
         for _ in range(5):
             text = await gw.metrics_text()
             assert metric(text, "ollama_active_requests") == 100
+        fake.config.token_interval_s = 0.0  # now let them finish
         bodies = await asyncio.gather(*(r.read() for r in responses))
     assert all(b'"done":true' in body for body in bodies)

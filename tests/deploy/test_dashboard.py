@@ -1,0 +1,178 @@
+"""The Grafana dashboard and its provisioning, checked without Grafana."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.metrics import Metrics
+from tests.deploy.compose import DEPLOY, compose, environment
+from tests.deploy.dashboard import (
+    COMPOSE_SERVICE_LABEL,
+    DASHBOARD_PATH,
+    is_container_metric,
+    iter_panels,
+    load_dashboard,
+    provisioned_prometheus_uid,
+    queries,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+# The original design's nine panels, then the LLM panels.
+REQUIRED_PANELS = {
+    "Memory Usage vs Limit",
+    "CPU Usage %",
+    "OOM Events",
+    "Memory Usage %",
+    "Total Requests",
+    "API Latency p95",
+    "API Response Time p50/p95/p99",
+    "Request Rate: Success vs Errors",
+    "Network I/O",
+    "Time to First Token p50/p95/p99",
+    "Tokens per Second",
+    "Prompt / Completion Tokens Rate",
+    "Queue Depth",
+    "Queue Wait",
+    "Active Requests vs Slots",
+    "Rate-Limited Requests by Client",
+    "Rejected Requests by Reason",
+    "Model Load Time",
+    "Ollama Up",
+    "Loaded Models",
+    "Loaded Model Memory",
+}
+CONTAINER_PANELS = {
+    "Memory Usage vs Limit",
+    "CPU Usage %",
+    "OOM Events",
+    "Memory Usage %",
+    "Network I/O",
+}
+
+
+def test_dashboard_identity() -> None:
+    """The dashboard is bare JSON with its title, tags, refresh, range and a fixed uid."""
+    dashboard = load_dashboard()
+    assert "dashboard" not in dashboard, "provisioned files hold the bare dashboard"
+    assert dashboard["title"] == "Ollama Monitoring - MLOps Dashboard"
+    assert set(dashboard["tags"]) == {"ollama", "monitoring", "mlops"}
+    assert dashboard["refresh"] == "10s"
+    assert dashboard["time"] == {"from": "now-1h", "to": "now"}
+    assert dashboard["id"] is None
+    assert re.fullmatch(r"[\w-]{1,40}", dashboard["uid"])
+
+
+def test_datasource_uid_matches_provisioning() -> None:
+    """Every panel, query and variable uses the provisioned Prometheus datasource's uid."""
+    uid = provisioned_prometheus_uid()
+    dashboard = load_dashboard()
+    refs = [variable["datasource"] for variable in dashboard["templating"]["list"]]
+    for panel in iter_panels(dashboard):
+        refs.append(panel["datasource"])
+        refs.extend(target["datasource"] for target in panel["targets"])
+    assert refs
+    assert all(ref == {"type": "prometheus", "uid": uid} for ref in refs), refs
+
+
+def test_required_panels_are_present() -> None:
+    """The original nine panels and the LLM panels are all on the dashboard."""
+    titles = [panel["title"] for panel in iter_panels(load_dashboard())]
+    assert len(titles) == len(set(titles)), "panel titles are unique"
+    assert set(titles) >= REQUIRED_PANELS, REQUIRED_PANELS - set(titles)
+
+
+def test_panels_have_queries_ids_and_room() -> None:
+    """Every panel has a query, a unique id and a place on the grid that no other panel takes."""
+    dashboard = load_dashboard()
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    taken: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken.get((x, y))}"
+                taken[x, y] = panel["title"]
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+
+
+def test_container_panels_select_ollama_by_compose_service() -> None:
+    """cAdvisor queries select the Ollama container by compose service label, never by name."""
+    container_titles = set()
+    for query in queries(load_dashboard()):
+        for metric, matchers in query.selectors:
+            if is_container_metric(metric):
+                container_titles.add(query.panel)
+                assert f'{COMPOSE_SERVICE_LABEL}="ollama"' in matchers, query.expr
+                assert not re.search(r"\bname\s*[=!~]", matchers), query.expr
+    assert container_titles == CONTAINER_PANELS
+
+
+def test_rates_use_grafana_intervals() -> None:
+    """Range vectors use $__rate_interval (or $__range for totals), never a fixed window."""
+    for query in queries(load_dashboard()):
+        for window in re.findall(r"\[([^\]]*)\]", query.expr):
+            assert window in {"$__rate_interval", "$__range"}, query.expr
+
+
+def test_dashboard_uses_metrics_the_gateway_exports() -> None:
+    """Every ollama_* metric a panel selects is one proxy.metrics defines."""
+    exported = set(Metrics().registry.collectors)
+    for query in queries(load_dashboard()):
+        for metric, _ in query.selectors:
+            if metric.startswith("ollama_"):
+                base = re.sub(r"_(bucket|sum|count)$", "", metric)
+                assert metric in exported or base in exported, f"{query.panel}: {metric}"
+
+
+def test_every_query_parses(promtool: str, tmp_path: Path) -> None:
+    """promtool parses every panel query (as a recording rule) once Grafana's variables are set."""
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": query.promql}
+        for i, query in enumerate(queries(load_dashboard()))
+    ]
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_grafana_provisioning_matches_the_mounts() -> None:
+    """The datasource points at the prometheus service; the dashboards provider at the mount."""
+    services = compose()["services"]
+    datasources = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    prometheus = next(ds for ds in datasources["datasources"] if ds["type"] == "prometheus")
+    assert prometheus["url"] == "http://prometheus:9090"
+    assert "prometheus" in services
+    assert prometheus["isDefault"] is True
+    providers = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/dashboards/dashboards.yml").read_text()
+    )["providers"]
+    mounts = {
+        target: (DEPLOY / source).resolve()
+        for source, target, *_ in (v.split(":") for v in services["grafana"]["volumes"])
+        if source.startswith(".")
+    }
+    assert mounts["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
+    for provider in providers:
+        assert provider["type"] == "file"
+        assert mounts[provider["options"]["path"]] == DASHBOARD_PATH.parent
+    home = environment(services["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{providers[0]['options']['path']}/{DASHBOARD_PATH.name}"

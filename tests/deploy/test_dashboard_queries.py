@@ -1,0 +1,172 @@
+"""Dashboard panels and alert expressions, evaluated by a real Prometheus scraping a gateway.
+
+The gateway runs in-process in front of the fake Ollama; Debian's ``prometheus`` scrapes it
+every second while the test sends traffic that moves every gateway metric. Panels on the
+gateway's metrics must then return data; panels on cAdvisor's (which no test can produce)
+must evaluate without error, as must every alert rule's expression.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+
+from loadtest.fake_ollama import MODE_HEADER, FakeOllama
+from tests.conftest import MODEL, GatewayFactory, RunningGateway
+from tests.deploy.dashboard import Query, load_dashboard, queries, rule_expressions
+from tests.deploy.prometheus import PrometheusServer
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.prometheus, pytest.mark.slow]
+
+TESTER = {"Authorization": "Bearer tester-key-0001"}
+GREEDY = {"Authorization": "Bearer greedy-key-0001"}
+DATA_DEADLINE_S = 45.0
+
+
+@pytest.fixture
+async def monitored(
+    fake: FakeOllama, gateway_factory: GatewayFactory, prometheus_binary: str
+) -> AsyncIterator[tuple[RunningGateway, PrometheusServer]]:
+    """A gateway with a normal and a throttled API key, and a Prometheus scraping it."""
+    fake.config.load_s = 0.02  # so that Ollama's load_duration reaches the load-time panel
+    gateway = await gateway_factory(
+        upstream={"probe_interval_s": 0.2},  # loaded-model gauges follow within a scrape
+        auth={
+            "api_keys": [
+                {"name": "tester", "key": "tester-key-0001"},
+                {"name": "greedy", "key": "greedy-key-0001", "requests_per_minute": 1, "burst": 1},
+            ]
+        },
+    )
+    target = urlsplit(gateway.url).netloc
+    async with PrometheusServer(target, binary=prometheus_binary) as prometheus:
+        await prometheus.wait_until_up()
+        yield gateway, prometheus
+
+
+async def send(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    json: object = None,
+    data: bytes | None = None,
+) -> int:
+    """POST and read the whole (possibly streamed) answer; its status."""
+    async with http.post(url, headers=headers, json=json, data=data) as response:
+        await response.read()
+        return response.status
+
+
+async def exercise(http: aiohttp.ClientSession, base: str) -> None:
+    """Traffic that moves every gateway metric the dashboard shows."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
+    # Streamed native and OpenAI-compatible chats: TTFT, tokens, tokens/s, load time, queue wait.
+    assert await send(http, base + "/api/chat", TESTER, {**chat, "stream": True}) == 200
+    assert await send(http, base + "/v1/chat/completions", TESTER, {**chat, "stream": True}) == 200
+    # Not streamed.
+    generate = {"model": MODEL, "prompt": "hello", "stream": False}
+    assert await send(http, base + "/api/generate", TESTER, generate) == 200
+    # Failures at the upstream: an error, and "busy" answers the gateway retries.
+    failing = {**TESTER, MODE_HEADER: "error500"}
+    assert await send(http, base + "/api/chat", failing, {**chat, "stream": False}) == 500
+    busy = {**TESTER, MODE_HEADER: "busy"}
+    assert await send(http, base + "/api/chat", busy, {**chat, "stream": False}) == 503
+    # Refused before the upstream: malformed JSON, and no API key.
+    malformed = {**TESTER, "Content-Type": "application/json"}
+    assert await send(http, base + "/api/chat", malformed, data=b'{"model": ') == 400
+    assert await send(http, base + "/api/chat", {}, {**chat, "stream": False}) == 401
+    # Rate limited: the greedy key's burst is one request a minute.
+    first = await send(http, base + "/api/chat", GREEDY, {**chat, "stream": False})
+    assert first in {200, 429}
+    assert await send(http, base + "/api/chat", GREEDY, {**chat, "stream": False}) == 429
+
+
+async def exercise_twice(
+    http: aiohttp.ClientSession, base: str, prometheus: PrometheusServer
+) -> None:
+    """Two rounds of traffic with a scrape between them.
+
+    A labelled series appears with its first request, so the first scrape already holds the
+    first round's count and rate()/increase() see nothing of it; the second round moves
+    series that Prometheus already knows.
+    """
+    await exercise(http, base)
+    await prometheus.wait_for_scrapes(1)
+    await exercise(http, base)
+
+
+async def queries_without_data(prometheus: PrometheusServer, candidates: list[Query]) -> list[str]:
+    """The queries whose result is empty or only NaN (a quantile of rates that are all 0)."""
+    missing = []
+    for query in candidates:
+        values = [series["value"][1] for series in await prometheus.query(query.promql)]
+        if all(value == "NaN" for value in values):
+            missing.append(f"{query.panel} [{query.ref_id}]: {query.promql} -> {values}")
+    return missing
+
+
+async def test_dashboard_queries_return_data(
+    monitored: tuple[RunningGateway, PrometheusServer], http: aiohttp.ClientSession
+) -> None:
+    """Each gateway panel returns data after traffic; container panels and alerts evaluate."""
+    gateway, prometheus = monitored
+    await exercise_twice(http, gateway.url, prometheus)
+
+    all_queries = queries(load_dashboard())
+    gateway_queries = [query for query in all_queries if not query.is_container]
+    container_queries = [query for query in all_queries if query.is_container]
+    assert gateway_queries
+    assert container_queries
+
+    # Scrapes land every second: poll until every gateway query has data, or the deadline.
+    deadline = time.monotonic() + DATA_DEADLINE_S
+    missing = await queries_without_data(prometheus, gateway_queries)
+    while missing and time.monotonic() < deadline:
+        await prometheus.wait_for_scrapes(1)
+        missing = await queries_without_data(prometheus, gateway_queries)
+    assert not missing, "panels without data:\n" + "\n".join(missing)
+
+    # No cAdvisor here: these must only evaluate (a bad query raises PrometheusError).
+    for query in container_queries:
+        await prometheus.query(query.promql)
+    for _name, expr in rule_expressions():
+        await prometheus.query(expr)
+
+
+async def test_traffic_reaches_prometheus_with_its_labels(
+    monitored: tuple[RunningGateway, PrometheusServer], http: aiohttp.ClientSession
+) -> None:
+    """The throttled key, the rejection reasons and the outcomes arrive as the dashboard expects."""
+    gateway, prometheus = monitored
+    await exercise_twice(http, gateway.url, prometheus)
+
+    async def labels(promql: str, label: str) -> set[str]:
+        return {series["metric"].get(label, "") for series in await prometheus.query(promql)}
+
+    expected = {
+        ("sum by (client) (ollama_rate_limited_total)", "client"): {"greedy"},
+        ("sum by (reason) (ollama_rejected_total > 0)", "reason"): {"invalid", "unauthorized"},
+        ("sum by (status) (ollama_requests_total)", "status"): {
+            "success",
+            "error",
+            "rate_limited",
+            "rejected",
+        },
+        ("sum by (endpoint) (ollama_time_to_first_token_seconds_count)", "endpoint"): {
+            "/api/chat",
+            "/v1/chat/completions",
+        },
+    }
+    deadline = time.monotonic() + DATA_DEADLINE_S
+    while True:
+        got = {key: await labels(*key) for key in expected}
+        if all(got[key] >= want for key, want in expected.items()):
+            break
+        assert time.monotonic() < deadline, f"after {DATA_DEADLINE_S:g} s: {got}"
+        await prometheus.wait_for_scrapes(1)
+    retries = await prometheus.query("sum(ollama_upstream_retries_total)")
+    assert float(retries[0]["value"][1]) > 0
