@@ -39,16 +39,23 @@ async def test_prometheus_queries_over_real_traffic(
             path, body = (
                 ("/api/chat", {"model": MODEL, "messages": messages})
                 if i % 2
-                else ("/v1/chat/completions", {"model": MODEL, "messages": messages, "stream": True})
+                else (
+                    "/v1/chat/completions",
+                    {"model": MODEL, "messages": messages, "stream": True},
+                )
             )
             async with http.post(gw.url + path, json=body) as response:
                 assert response.status == 200
                 await response.read()
-        async with http.post(gw.url + "/api/chat", json={"model": "missing", "messages": messages}) as r:
+        async with http.post(
+            gw.url + "/api/chat", json={"model": "missing", "messages": messages}
+        ) as r:
             assert r.status == 404
         async with http.post(gw.url + "/api/chat", data=b"{") as r:
             assert r.status == 400
-        async with http.post(gw.url + "/api/chat", json={"model": MODEL, "messages": messages}) as r:
+        async with http.post(
+            gw.url + "/api/chat", json={"model": MODEL, "messages": messages}
+        ) as r:
             assert r.status == 429
         await prom.wait_for_scrapes(2)
 
