@@ -20,9 +20,8 @@ from proxy.errors import InvalidRequestError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
 from proxy.policy import field, parse_object, read_body
-from proxy.routes import admit, reserve_tokens
+from proxy.routes import admit, gated, upstream_response
 from proxy.streams import Usage, usage_from_native, usage_from_openai
-from proxy.upstream import Attempts, forward_request_headers
 
 _OPENAI_OPTIONS = {
     "temperature": "temperature",
@@ -77,45 +76,31 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     stream = bool(field(obj, "stream", bool, "true or false"))
     stream = stream and gateway.config.limits.enable_streaming
     options = field(obj, "options", dict, "an object") or {}
-    limit = gateway.policy.max_context_length
-    if limit and isinstance(options.get("num_ctx"), int) and options["num_ctx"] > limit:
-        exchange.headers["X-Context-Length-Clamped"] = str(options["num_ctx"])
-        options["num_ctx"] = limit
+    clamped = gateway.policy.clamp_context(options)
+    if clamped is not None:
+        exchange.headers["X-Context-Length-Clamped"] = str(clamped)
     exchange.model = model
     path, body = upstream_request(
         gateway, model=model, prompt=prompt, system=system, stream=stream, options=options
     )
     estimate = len(prompt) // 4 + gateway.config.limits.default_max_tokens
-    reserve_tokens(gateway, exchange, principal, estimate)
-    exchange.phase = "queued"
-    async with gateway.gate.slot(principal.bucket) as waited_s:
-        exchange.queue_wait_s = waited_s
-        exchange.phase = "upstream"
-        headers = forward_request_headers(
-            request.headers,
-            peer=request.remote,
-            request_id=exchange.request_id,
-            api_key=gateway.config.upstream.api_key,
-        )
-        headers["Content-Type"] = "application/json"
-        attempts = Attempts()
-        try:
-            upstream = await gateway.upstream.open(
-                "POST", path, headers, json.dumps(body).encode(), attempts
-            )
-        finally:
-            exchange.retries = attempts.retries
-        try:
-            if upstream.status != 200:
-                return await _upstream_error(exchange, upstream)
-            if stream:
-                return await _stream(request, gateway, exchange, upstream)
-            return await _answer(exchange, upstream)
-        finally:
-            if upstream.content.is_eof():
-                upstream.release()
-            else:
-                upstream.close()
+    async with (
+        gated(gateway, exchange, principal, estimate),
+        upstream_response(
+            request,
+            gateway,
+            exchange,
+            method="POST",
+            path=path,
+            body=json.dumps(body).encode(),
+            is_json=True,
+        ) as upstream,
+    ):
+        if upstream.status != 200:
+            return await _upstream_error(exchange, upstream)
+        if stream:
+            return await _stream(request, gateway, exchange, upstream)
+        return await _answer(exchange, upstream)
 
 
 async def _upstream_error(exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:

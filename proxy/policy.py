@@ -55,20 +55,17 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     return obj
 
 
-def field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], label: str) -> Any:
-    """``obj[name]`` if present and of ``kind``; 400 naming the field otherwise."""
+def field(obj: dict[str, Any], name: str, kind: type, label: str) -> Any:
+    """``obj[name]`` if present and of ``kind``; 400 naming the field otherwise.
+
+    JSON's true/false are Python bools, which are ints too: not accepted as numbers.
+    """
     value = obj.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) and kind is not bool and bool not in _as_tuple(kind):
-        raise InvalidRequestError(f"field '{name}' must be {label}")
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise InvalidRequestError(f"field '{name}' must be {label}")
     return value
-
-
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
 
 
 class Policy:
@@ -84,6 +81,14 @@ class Policy:
             return
         raise ForbiddenError(f"model '{model}' is not allowed on this gateway")
 
+    def clamp_context(self, options: dict[str, Any]) -> int | None:
+        """Lower ``options.num_ctx`` to the configured maximum; the value asked, if lowered."""
+        num_ctx = field(options, "num_ctx", int, "an integer (options.num_ctx)")
+        if num_ctx is None or not self.max_context_length or num_ctx <= self.max_context_length:
+            return None
+        options["num_ctx"] = self.max_context_length
+        return int(num_ctx)
+
     def prepare(self, raw: bytes, *, openai: bool, generates: bool) -> Prepared:
         """Validate and adjust an inference body (native or OpenAI-compatible)."""
         obj = parse_object(raw)
@@ -96,14 +101,8 @@ class Policy:
         changed = False
         prepared = Prepared(body=raw, model=model, stream=stream)
 
-        num_ctx = options.get("num_ctx")
-        if num_ctx is not None:
-            if isinstance(num_ctx, bool) or not isinstance(num_ctx, int):
-                raise InvalidRequestError("field 'options.num_ctx' must be an integer")
-            if self.max_context_length and num_ctx > self.max_context_length:
-                options["num_ctx"] = self.max_context_length
-                prepared.clamped_num_ctx = num_ctx
-                changed = True
+        prepared.clamped_num_ctx = self.clamp_context(options)
+        changed = prepared.clamped_num_ctx is not None
 
         if openai and stream and generates:
             stream_options = field(obj, "stream_options", dict, "an object") or {}

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
@@ -124,6 +127,24 @@ def reserve_tokens(
         )
 
 
+@asynccontextmanager
+async def gated(
+    gateway: Gateway, exchange: Exchange, principal: Principal, token_estimate: int
+) -> AsyncIterator[None]:
+    """Reserve the client's LLM tokens, hold a gate slot for the body, settle the tokens."""
+    reserve_tokens(gateway, exchange, principal, token_estimate)
+    try:
+        exchange.phase = "queued"
+        async with gateway.gate.slot(principal.bucket) as waited_s:
+            exchange.queue_wait_s = waited_s
+            exchange.phase = "upstream"
+            yield
+    finally:
+        if principal.limit.tokens_per_minute > 0:
+            actual = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+            gateway.limiter.settle_tokens(principal.bucket, principal.limit, token_estimate, actual)
+
+
 async def infer(
     request: web.Request,
     gateway: Gateway,
@@ -137,27 +158,16 @@ async def infer(
     exchange.model = prepared.model
     if prepared.clamped_num_ctx is not None:
         exchange.headers["X-Context-Length-Clamped"] = str(prepared.clamped_num_ctx)
-    reserve_tokens(gateway, exchange, principal, prepared.token_estimate)
-    try:
-        exchange.phase = "queued"
-        async with gateway.gate.slot(principal.bucket) as waited_s:
-            exchange.queue_wait_s = waited_s
-            exchange.phase = "upstream"
-            return await forward(
-                request,
-                gateway,
-                exchange,
-                prepared.body,
-                strip_usage=prepared.strip_usage,
-                inference=True,
-                generates=spec.generates,
-            )
-    finally:
-        if principal.limit.tokens_per_minute > 0:
-            actual = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
-            gateway.limiter.settle_tokens(
-                principal.bucket, principal.limit, prepared.token_estimate, actual
-            )
+    async with gated(gateway, exchange, principal, prepared.token_estimate):
+        return await forward(
+            request,
+            gateway,
+            exchange,
+            prepared.body,
+            strip_usage=prepared.strip_usage,
+            inference=True,
+            generates=spec.generates,
+        )
 
 
 async def forward(
@@ -172,23 +182,17 @@ async def forward(
 ) -> web.StreamResponse:
     """Open the upstream request and relay its response."""
     cfg = gateway.config.upstream
-    headers = forward_request_headers(
-        request.headers, peer=request.remote, request_id=exchange.request_id, api_key=cfg.api_key
-    )
     deadline = time.monotonic() + cfg.total_timeout_s if cfg.total_timeout_s else None
-    attempts = Attempts()
-    try:
-        async with asyncio.timeout_at(_loop_deadline(deadline)):
-            upstream = await gateway.upstream.open(
-                request.method, request.path_qs, headers, body, attempts
-            )
-    except TimeoutError:
-        raise UpstreamTimeoutError(
-            f"the upstream did not answer within the total timeout of {cfg.total_timeout_s:g} s"
-        ) from None
-    finally:
-        exchange.retries = attempts.retries
-    try:
+    async with upstream_response(
+        request,
+        gateway,
+        exchange,
+        method=request.method,
+        path=request.path_qs,
+        body=body,
+        is_json=inference,
+        deadline=deadline,
+    ) as upstream:
         if upstream.status >= 400:
             exchange.fail("UpstreamStatus", f"the upstream answered {upstream.status}")
         return await relay(
@@ -201,11 +205,51 @@ async def forward(
             require_end=generates,
             deadline=deadline,
         )
+
+
+@asynccontextmanager
+async def upstream_response(
+    request: web.Request,
+    gateway: Gateway,
+    exchange: Exchange,
+    *,
+    method: str,
+    path: str,
+    body: bytes | StreamReader | None,
+    is_json: bool = False,
+    deadline: float | None = None,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """The upstream's response (headers received), released or closed when done with.
+
+    The client's headers go along, filtered; a finished body keeps its connection for the
+    next request, while an unfinished one (the client left, the stream broke) closes it
+    at once so that Ollama stops generating.
+    """
+    cfg = gateway.config.upstream
+    headers = forward_request_headers(
+        request.headers, peer=request.remote, request_id=exchange.request_id, api_key=cfg.api_key
+    )
+    if is_json:
+        # Validated JSON: say so, whatever the client sent (curl -d says form-urlencoded,
+        # which Ollama ignores but OpenAI-compatible servers may not).
+        headers["Content-Type"] = "application/json"
+    attempts = Attempts()
+    try:
+        async with asyncio.timeout_at(_loop_deadline(deadline)):
+            upstream = await gateway.upstream.open(method, path, headers, body, attempts)
+    except TimeoutError:
+        raise UpstreamTimeoutError(
+            f"the upstream did not answer within the total timeout of {cfg.total_timeout_s:g} s"
+        ) from None
+    finally:
+        exchange.retries = attempts.retries
+    try:
+        yield upstream
     finally:
         if upstream.content.is_eof():
-            upstream.release()  # keep the connection for the next request
+            upstream.release()
         else:
-            upstream.close()  # the client left or the stream broke: Ollama must stop now
+            upstream.close()
 
 
 def _loop_deadline(deadline: float | None) -> float | None:
