@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -19,9 +19,10 @@ from aiohttp import web
 from proxy.errors import InvalidRequestError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
-from proxy.policy import field, parse_object, read_body
+from proxy.policy import field as body_field
+from proxy.policy import parse_object, read_body
 from proxy.routes import admit, gated, upstream_response
-from proxy.streams import Usage, usage_from_native, usage_from_openai
+from proxy.streams import Usage, iter_frames, usage_from_native, usage_from_openai
 
 _OPENAI_OPTIONS = {
     "temperature": "temperature",
@@ -67,15 +68,15 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     exchange.client = principal.name
     admit(gateway, exchange, principal)
     obj = parse_object(await read_body(request, gateway.config.server.max_body_bytes))
-    prompt = field(obj, "prompt", str, "a string")
+    prompt = body_field(obj, "prompt", str, "a string")
     if not prompt:
         raise InvalidRequestError("field 'prompt' is required: a non-empty string")
-    model = field(obj, "model", str, "a string") or gateway.config.upstream.default_model
+    model = body_field(obj, "model", str, "a string") or gateway.config.upstream.default_model
     gateway.policy.check_model(model)
-    system = field(obj, "system", str, "a string")
-    stream = bool(field(obj, "stream", bool, "true or false"))
+    system = body_field(obj, "system", str, "a string")
+    stream = bool(body_field(obj, "stream", bool, "true or false"))
     stream = stream and gateway.config.limits.enable_streaming
-    options = field(obj, "options", dict, "an object") or {}
+    options = body_field(obj, "options", dict, "an object") or {}
     clamped = gateway.policy.clamp_context(options)
     if clamped is not None:
         exchange.headers["X-Context-Length-Clamped"] = str(clamped)
@@ -120,8 +121,8 @@ async def _upstream_error(exchange: Exchange, upstream: aiohttp.ClientResponse) 
     )
 
 
-def _stats(exchange: Exchange, obj: dict[str, Any], openai: bool) -> dict[str, Any]:
-    usage = (usage_from_openai(obj) if openai else usage_from_native(obj)) or Usage()
+def _stats(exchange: Exchange, usage: Usage, obj: dict[str, Any]) -> dict[str, Any]:
+    """The answer's statistics, recorded on the exchange too (metrics, log line)."""
     exchange.prompt_tokens = usage.prompt_tokens
     exchange.completion_tokens = usage.completion_tokens
     exchange.tokens_per_second = usage.tokens_per_second
@@ -144,28 +145,75 @@ def _stats(exchange: Exchange, obj: dict[str, Any], openai: bool) -> dict[str, A
 
 async def _answer(exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:
     obj = json.loads(await upstream.read())
-    openai = "choices" in obj
-    if openai:
+    if "choices" in obj:
         choice = (obj.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content") or ""
         done_reason = choice.get("finish_reason")
+        usage = usage_from_openai(obj) or Usage()
     else:
         text = (obj.get("message") or {}).get("content") or ""
         done_reason = obj.get("done_reason")
+        usage = usage_from_native(obj)
     exchange.status = 200
     answer = {
         "model": obj.get("model"),
         "response": text,
         "done_reason": done_reason,
-        **_stats(exchange, obj, openai),
+        **_stats(exchange, usage, obj),
     }
     return web.json_response(answer, headers=exchange.headers)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What a /chat stream has said so far, whatever the backend's dialect."""
+
+    openai: bool
+    model: str | None = None
+    done_reason: str | None = None
+    chunks: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False
+    error: str | None = None
+
+    def digest(self, frame: bytes) -> str:
+        """Take one upstream frame; the text it carries."""
+        obj = _parse_frame(frame)
+        if obj is None:
+            self.finished = self.openai and frame == b"[DONE]"
+            return ""
+        if obj.get("error"):
+            self.error = str(obj["error"])
+            return ""
+        self.model = obj.get("model") or self.model
+        if self.openai:
+            if obj.get("choices") == [] and obj.get("usage"):
+                self.stats = obj
+                return ""
+            choice = (obj.get("choices") or [{}])[0]
+            self.done_reason = choice.get("finish_reason") or self.done_reason
+            text = str((choice.get("delta") or {}).get("content") or "")
+        else:
+            text = str((obj.get("message") or {}).get("content") or "")
+            if obj.get("done"):
+                self.finished = True
+                self.stats = obj
+                self.done_reason = obj.get("done_reason")
+        self.chunks += bool(text)
+        return text
+
+    def usage(self) -> Usage:
+        if not self.openai:
+            return usage_from_native(self.stats)
+        # Servers that ignore include_usage (llama-cpp-python) send one token per content
+        # chunk: then the chunks are the count.
+        return usage_from_openai(self.stats) or Usage(completion_tokens=self.chunks)
 
 
 async def _stream(
     request: web.Request, gateway: Gateway, exchange: Exchange, upstream: aiohttp.ClientResponse
 ) -> web.StreamResponse:
-    openai = gateway.config.upstream.kind != "ollama"
+    progress = _Progress(openai=gateway.config.upstream.kind != "ollama")
     response = web.StreamResponse(
         headers={**exchange.headers, "Content-Type": "application/x-ndjson"}
     )
@@ -174,49 +222,30 @@ async def _stream(
     exchange.phase = "streaming"
     await response.prepare(request)
     exchange.first_byte_at = time.monotonic()
-    final: dict[str, Any] | None = None
-    finish_reason: str | None = None
-    chunks = 0
     try:
-        async for frame in iter_frames(upstream.content, b"\n\n" if openai else b"\n"):
-            obj = _parse_frame(frame, openai)
-            if obj is None:
-                if openai and frame.rstrip().endswith(b"[DONE]"):
-                    # Servers that ignore include_usage (llama-cpp-python) send one token
-                    # per content chunk: count them.
-                    final = final or {"completion_tokens": chunks}
-                    final["done_reason"] = finish_reason
-                    exchange.completion_tokens = final["completion_tokens"]
-                    break
-                continue
-            if obj.get("error"):
-                return await _fail(response, exchange, f"the upstream failed: {obj['error']}")
-            if openai and obj.get("choices") == [] and obj.get("usage"):
-                final = {"model": obj.get("model"), **_stats(exchange, obj, openai=True)}
-                continue
-            if openai:
-                finish_reason = (obj.get("choices") or [{}])[0].get(
-                    "finish_reason"
-                ) or finish_reason
-            text = _text(obj, openai)
+        async for frame in iter_frames(upstream.content, sse=progress.openai):
+            text = progress.digest(frame)
+            if progress.error is not None:
+                return await _fail(response, exchange, f"the upstream failed: {progress.error}")
             if text:
-                chunks += 1
                 if exchange.first_chunk_at is None:
                     exchange.first_chunk_at = time.monotonic()
                 await _write(response, exchange, {"response": text, "done": False})
-            if not openai and obj.get("done"):
-                final = {
-                    "model": obj.get("model"),
-                    "done_reason": obj.get("done_reason"),
-                    **_stats(exchange, obj, openai=False),
-                }
+            if progress.finished:
                 break
     except (TimeoutError, aiohttp.ClientError) as exc:
         message = f"the upstream stream failed ({type(exc).__name__})"
         return await _fail(response, exchange, message)
-    if final is None:
+    if not progress.finished:
         return await _fail(response, exchange, "the upstream ended the stream without finishing it")
-    await _write(response, exchange, {"response": "", "done": True, **final})
+    final = {
+        "response": "",
+        "done": True,
+        "model": progress.model,
+        "done_reason": progress.done_reason,
+        **_stats(exchange, progress.usage(), progress.stats),
+    }
+    await _write(response, exchange, final)
     await response.write_eof()
     return response
 
@@ -237,41 +266,9 @@ async def _write(response: web.StreamResponse, exchange: Exchange, obj: dict[str
     await response.write(line)
 
 
-def _parse_frame(frame: bytes, openai: bool) -> dict[str, Any] | None:
-    if openai:
-        data = b"".join(
-            line[5:].strip() for line in frame.splitlines() if line.startswith(b"data:")
-        )
-        if not data.startswith(b"{"):
-            return None
-        frame = data
+def _parse_frame(frame: bytes) -> dict[str, Any] | None:
     try:
         obj = json.loads(frame)
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def _text(obj: dict[str, Any], openai: bool) -> str:
-    if openai:
-        choices = obj.get("choices") or [{}]
-        return str((choices[0].get("delta") or {}).get("content") or "")
-    return str((obj.get("message") or {}).get("content") or "")
-
-
-async def iter_frames(content: aiohttp.StreamReader, sep: bytes) -> AsyncIterator[bytes]:
-    """Complete frames (lines, or SSE events) from a body, whatever the chunking.
-
-    SSE events may end in ``\\r\\n\\r\\n`` (sse-starlette); that is normalised to ``sep``.
-    """
-    pending = b""
-    while chunk := await content.readany():
-        pending += chunk
-        if sep == b"\n\n":
-            pending = pending.replace(b"\r\n", b"\n")
-        *frames, pending = pending.split(sep)
-        for frame in frames:
-            if frame.strip():
-                yield frame
-    if pending.strip():
-        yield pending

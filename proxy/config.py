@@ -303,7 +303,7 @@ def _validate(config: Config) -> None:
     _require(limits.client_burst >= 1, "limits.client_burst: must be >= 1")
     _require(limits.client_tokens_per_minute >= 0, "limits.client_tokens_per_minute: >= 0")
     _require(limits.max_clients >= 1, "limits.max_clients: must be >= 1")
-    _require(1 <= limits.parallel <= 256, "limits.parallel: must be between 1 and 256")
+    _require(1 <= limits.parallel <= 1024, "limits.parallel: must be between 1 and 1024")
     _require(limits.max_queue >= 0, "limits.max_queue: must be >= 0")
     _require(limits.max_queue_per_client >= 1, "limits.max_queue_per_client: must be >= 1")
     _require(limits.queue_timeout_s > 0, "limits.queue_timeout_s: must be > 0")

@@ -73,6 +73,11 @@ class Policy:
         self.max_context_length = config.limits.max_context_length
         self.default_max_tokens = config.limits.default_max_tokens
         self.allowlist = frozenset(config.models.allowlist)
+        # OpenAI-compatible servers that serve one model answer a request without one with
+        # their own idea of a name (llama-cpp-python: the model file's path); name it for them.
+        self.fill_model = (
+            config.upstream.default_model if config.upstream.kind == "openai" else None
+        )
 
     def check_model(self, model: str | None) -> None:
         if not self.allowlist or model is None:
@@ -93,16 +98,19 @@ class Policy:
         """Validate and adjust an inference body (native or OpenAI-compatible)."""
         obj = parse_object(raw)
         model = field(obj, "model", str, "a string")
+        changed = False
+        if model is None and self.fill_model is not None:
+            model = obj["model"] = self.fill_model
+            changed = True
         self.check_model(model)
         stream_value = field(obj, "stream", bool, "true or false")
         # Native streams unless told not to; OpenAI-compatible does not unless asked.
         stream = bool(stream_value) if openai else stream_value is not False
         options = field(obj, "options", dict, "an object") or {}
-        changed = False
         prepared = Prepared(body=raw, model=model, stream=stream)
 
         prepared.clamped_num_ctx = self.clamp_context(options)
-        changed = prepared.clamped_num_ctx is not None
+        changed = changed or prepared.clamped_num_ctx is not None
 
         if openai and stream and generates:
             stream_options = field(obj, "stream_options", dict, "an object") or {}

@@ -140,8 +140,10 @@ async def gated(
             exchange.phase = "upstream"
             yield
     finally:
-        if principal.limit.tokens_per_minute > 0:
-            actual = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+        # Settled only with real statistics: a request that ended without them (aborted,
+        # cut, refused upstream) keeps its reservation, so aborting a stream earns no refund.
+        if principal.limit.tokens_per_minute > 0 and exchange.completion_tokens is not None:
+            actual = (exchange.prompt_tokens or 0) + exchange.completion_tokens
             gateway.limiter.settle_tokens(principal.bucket, principal.limit, token_estimate, actual)
 
 

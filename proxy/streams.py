@@ -10,8 +10,11 @@ hold those facts are parsed; the rest is searched with ``bytes.find``, which run
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+import aiohttp
 
 # A final Ollama line with a large ``context`` array can be hundreds of KB; Ollama's own Go
 # client allows 8 MB. Beyond this, the gateway keeps relaying but stops looking.
@@ -265,10 +268,25 @@ class SseScanner(Scanner):
         return rest
 
 
-def content_chunk_frame_text(frame: dict[str, Any]) -> str:
-    """The text a parsed OpenAI chunk carries (chat delta or completion text)."""
-    parts = []
-    for choice in frame.get("choices") or ():
-        delta = choice.get("delta") or {}
-        parts.append(delta.get("content") or choice.get("text") or "")
-    return "".join(parts)
+async def iter_frames(content: aiohttp.StreamReader, *, sse: bool) -> AsyncIterator[bytes]:
+    """Parse a body the way a client does: its NDJSON lines, or the ``data:`` payload of each
+    SSE event (``\n\n`` or sse-starlette's ``\r\n\r\n`` between events), whatever the chunking.
+    """
+    sep = b"\n\n" if sse else b"\n"
+    pending = b""
+    while chunk := await content.readany():
+        pending += chunk
+        if sse:
+            pending = pending.replace(b"\r\n", b"\n")
+        *frames, pending = pending.split(sep)
+        for frame in frames:
+            if data := _payload(frame, sse=sse):
+                yield data
+    if data := _payload(pending, sse=sse):
+        yield data
+
+
+def _payload(frame: bytes, *, sse: bool) -> bytes:
+    if not sse:
+        return frame.strip()
+    return b"".join(line[5:].strip() for line in frame.split(b"\n") if line.startswith(b"data:"))

@@ -160,6 +160,23 @@ async def test_token_bucket_reserves_then_settles_real_counts(
         assert response.status == 200
 
 
+async def test_aborted_stream_keeps_its_token_reservation(
+    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    """A stream aborted before its statistics is not refunded: aborting cannot evade the limit."""
+    gw = await gateway_factory(clock=FakeClock(), limits={"client_tokens_per_minute": 1000})
+    fake.config.tokens = 1000
+    fake.config.token_interval_s = 0.01
+    response = await http.post(gw.url + "/api/chat", json=CHAT)  # reserves about 530
+    await response.content.readline()
+    seen = fake.seen[-1]
+    response.close()
+    await fake.wait_for(lambda: seen.disconnected)
+    await gate_until(gw, lambda: gw.gateway.gate.active == 0)
+    async with http.post(gw.url + "/api/chat", json=QUICK) as refused:
+        assert refused.status == 429
+
+
 async def test_queue_full_is_503_with_retry_after(
     gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
