@@ -37,6 +37,7 @@ LOAD_BUCKETS = (
     640.0,
 )  # fmt: skip
 
+
 def _ensure_histogram(histogram: Histogram, labels: dict[str, str]) -> None:
     """An empty histogram series (aioprometheus creates one only on a first observation)."""
     try:

@@ -1,0 +1,94 @@
+"""``python -m loadtest.bench``: what the gateway adds, measured against the fake Ollama
+direct and through nginx (when installed), in the same run. Prints a table; ``--json``
+writes every number. A benchmark, not a test: it exits 0 whatever the numbers are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import resource
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from loadtest.bench import results
+from loadtest.bench.measure import Settings, run_bench
+
+SMOKE = Settings(
+    chunks=10,
+    concurrency=4,
+    stream_requests=16,
+    small_duration_s=1,
+    small_concurrency=4,
+    rounds=1,
+    streams=20,
+    hold_interval_s=0.2,
+    startup_runs=1,
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    p.add_argument("--chunks", type=int, default=d.chunks, help="SSE chunks per stream")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help="streams at once")
+    p.add_argument("--stream-requests", type=int, default=d.stream_requests,
+                   help="streamed requests per run")  # fmt: skip
+    p.add_argument("--small-duration", type=int, default=d.small_duration_s,
+                   help="seconds per small-request run (whole seconds: wrk's unit)")  # fmt: skip
+    p.add_argument("--small-concurrency", type=int, default=d.small_concurrency)
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="each target once per round; medians over rounds")  # fmt: skip
+    p.add_argument("--streams", type=int, default=d.streams,
+                   help="open streams for the memory reading")  # fmt: skip
+    p.add_argument("--startup-runs", type=int, default=d.startup_runs)
+    p.add_argument("--no-nginx", action="store_true", help="skip the nginx baseline")
+    p.add_argument("--no-wrk", action="store_true", help="small requests with aiohttp, not wrk")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, in seconds")
+    p.add_argument("--json", type=Path, help="write every number here")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    base = (
+        SMOKE
+        if args.smoke
+        else Settings(
+            chunks=args.chunks,
+            concurrency=args.concurrency,
+            stream_requests=args.stream_requests,
+            small_duration_s=args.small_duration,
+            small_concurrency=args.small_concurrency,
+            rounds=args.rounds,
+            streams=args.streams,
+            startup_runs=args.startup_runs,
+        )
+    )
+    return dataclasses.replace(base, use_nginx=not args.no_nginx, use_wrk=not args.no_wrk)
+
+
+def raise_open_files_limit() -> None:
+    """500 streams through the gateway hold 1000+ sockets: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_open_files_limit()
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as workdir:
+        result = asyncio.run(run_bench(settings_from(args), Path(workdir), sys.stderr))
+    print(results.render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

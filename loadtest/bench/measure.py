@@ -1,0 +1,255 @@
+"""Running the benchmark: start the processes, run each workload in rotating rounds against
+every target, hold streams open for the memory reading, time the start-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+from loadtest.bench import results
+from loadtest.bench.services import (
+    MODEL,
+    Service,
+    find_nginx,
+    rss_bytes,
+    start_fake,
+    start_gateway,
+    start_nginx,
+    stop,
+)
+from loadtest.bench.wrk import find_wrk, run_wrk
+from proxy.config import ConfigError, parse_config
+
+MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
+STREAM_BODY = {"model": MODEL, "messages": MESSAGES, "stream": True}
+SMALL = {
+    "/api/tags": None,
+    "/v1/chat/completions": {"model": MODEL, "messages": MESSAGES, "max_tokens": 4},
+}
+UPSTREAM_SLOTS = 64  # the fake's parallel slots for the throughput runs
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    chunks: int = 50
+    concurrency: int = 8
+    stream_requests: int = 400
+    small_duration_s: int = 3
+    small_concurrency: int = 8
+    rounds: int = 3
+    streams: int = 500
+    hold_interval_s: float = 1.0
+    startup_runs: int = 3
+    use_nginx: bool = True
+    use_wrk: bool = True
+
+
+async def loadgen(*args: str, timeout_s: float = 600) -> dict[str, Any]:
+    """Run the load generator in its own process and return its JSON report."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.bench.loadgen", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
+    report: dict[str, Any] = json.loads(out.decode().splitlines()[-1])
+    return report
+
+
+async def in_rounds(
+    targets: dict[str, str], rounds: int, run: Callable[[str], Any], say: Callable[[str], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every target once per round, the order rotated each round to spread drift evenly."""
+    names = list(targets)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            runs[name].append(await run(targets[name]))
+        say(f"  round {r + 1}/{rounds} done")
+    return runs
+
+
+async def measure_streaming(
+    targets: dict[str, str], s: Settings, say: Callable[[str], None]
+) -> dict[str, Any]:
+    async def run(base: str) -> dict[str, Any]:
+        raw = await loadgen(
+            "stream", "--url", base + "/v1/chat/completions", "--body", json.dumps(STREAM_BODY),
+            "--concurrency", str(s.concurrency), "--requests", str(s.stream_requests),
+        )  # fmt: skip
+        return results.stream_run(raw)
+
+    say("streaming ...")
+    runs = await in_rounds(targets, s.rounds, run, say)
+    return results.summarise(runs, "chunks_per_s", ("ttft_p50_ms", "ttft_p99_ms"))
+
+
+async def measure_small(
+    targets: dict[str, str], s: Settings, wrk: str | None, workdir: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, body in SMALL.items():
+
+        async def run(base: str, path: str = path, body: object = body) -> dict[str, Any]:
+            if wrk is not None:
+                w = await run_wrk(
+                    wrk, base + path, connections=s.small_concurrency,
+                    duration_s=s.small_duration_s, body=body, workdir=workdir,
+                )  # fmt: skip
+                rps, p50, p99, errors = w.requests_per_s, w.latency_p50_s, w.latency_p99_s, w.errors
+            else:
+                args = ["small", "--url", base + path, "--concurrency", str(s.small_concurrency),
+                        "--duration", str(s.small_duration_s)]  # fmt: skip
+                raw = await loadgen(*args, *(["--body", json.dumps(body)] if body else []))
+                rps, p50, p99 = raw["requests_per_s"], raw["latency_p50_s"], raw["latency_p99_s"]
+                errors = raw["errors"]
+            return {"requests_per_s": rps, "latency_p50_ms": results._ms(p50),
+                    "latency_p99_ms": results._ms(p99), "errors": errors}  # fmt: skip
+
+        say(f"small requests: {path} ...")
+        runs = await in_rounds(targets, s.rounds, run, say)
+        out[path] = results.summarise(runs, "requests_per_s", ("latency_p50_ms", "latency_p99_ms"))
+    return out
+
+
+def max_parallel(wanted: int) -> int:
+    """The most gate slots the gateway's config accepts, up to ``wanted``."""
+    for slots in (wanted, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if slots <= wanted:
+            try:
+                parse_config({"limits": {"parallel": slots}})
+            except ConfigError:
+                continue
+            return slots
+    return 1
+
+
+async def gate_state(gateway: Service) -> tuple[int, int]:
+    async with aiohttp.ClientSession() as http, http.get(gateway.url + "/health") as response:
+        body = await response.json()
+    return int(body["active"]), int(body["queued"])
+
+
+async def measure_memory(s: Settings, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Idle RSS of a fresh gateway, then with ``streams`` requests held open on a slow fake."""
+    say(f"memory: idle, then {s.streams} open streams ...")
+    parallel = max_parallel(s.streams)
+    fake = gateway = None
+    hold = None
+    try:
+        fake = await start_fake(
+            tokens=1_000_000, token_interval_s=s.hold_interval_s, num_parallel=s.streams + 8
+        )
+        gateway, _ = await start_gateway(fake.url, parallel=parallel, workdir=workdir)
+        idle = rss_bytes(gateway.pid)
+        hold = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadtest.bench.loadgen", "hold",
+            "--url", gateway.url + "/v1/chat/completions", "--body", json.dumps(STREAM_BODY),
+            "--streams", str(s.streams),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert hold.stdin is not None
+        assert hold.stdout is not None
+        async with asyncio.timeout(60):
+            await hold.stdout.readline()  # {"started": N}
+            active, queued = await gate_state(gateway)
+            while active + queued < s.streams:
+                await asyncio.sleep(0.1)
+                active, queued = await gate_state(gateway)
+            # Two token intervals: every admitted stream has relayed chunks by now.
+            await asyncio.sleep(2 * s.hold_interval_s)
+        held = rss_bytes(gateway.pid)
+        hold.stdin.write(b"\n")
+        await hold.stdin.drain()
+        async with asyncio.timeout(30):
+            report = json.loads((await hold.stdout.readline()).decode())
+        return {
+            "idle_mb": idle / results.MB,
+            "streams": s.streams,
+            "streams_mb": held / results.MB,
+            "parallel": parallel,
+            "streaming": active,
+            "queued": queued,
+            "client_saw_streaming": report["streaming"],
+        }
+    finally:
+        if hold is not None and hold.returncode is None:
+            hold.kill()
+            await hold.wait()
+        await stop(gateway)
+        await stop(fake)
+
+
+async def measure_startup(upstream: str, s: Settings, workdir: Path) -> list[float]:
+    times = []
+    for _ in range(s.startup_runs):
+        gateway, startup_s = await start_gateway(upstream, parallel=8, workdir=workdir)
+        await stop(gateway)
+        times.append(startup_s)
+    return times
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on: they mean nothing without it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return {"nproc": os.cpu_count(), "cpu": models[0] if models else platform.processor(),
+            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
+
+
+async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
+    def say(message: str) -> None:
+        log.write(message + "\n")
+        log.flush()
+
+    nginx_bin = find_nginx() if s.use_nginx else None
+    wrk_bin = find_wrk() if s.use_wrk else None
+    say(f"nginx: {nginx_bin or 'not found'}; wrk: {wrk_bin or 'not found (aiohttp instead)'}")
+    fake = gateway = nginx = None
+    try:
+        fake = await start_fake(tokens=s.chunks, token_interval_s=0.0, num_parallel=UPSTREAM_SLOTS)
+        say("start-up ...")
+        startup = await measure_startup(fake.url, s, workdir)
+        gateway, _ = await start_gateway(fake.url, parallel=UPSTREAM_SLOTS, workdir=workdir)
+        targets = {"direct": fake.url}
+        if nginx_bin is not None:
+            nginx = await start_nginx(nginx_bin, fake.url, workdir)
+            targets["nginx"] = nginx.url
+        targets["gateway"] = gateway.url
+        streaming = await measure_streaming(targets, s, say)
+        small = await measure_small(targets, s, wrk_bin, workdir, say)
+        after_load = rss_bytes(gateway.pid)
+    finally:
+        await stop(nginx)
+        await stop(gateway)
+        await stop(fake)
+    memory = await measure_memory(s, workdir, say) | {"after_load_mb": after_load / results.MB}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "baselines": [name for name in targets if name != "gateway"],
+        "tools": {"nginx": nginx_bin, "wrk": wrk_bin},
+        "settings": asdict(s) | {"small_tool": "wrk -t1" if wrk_bin else "aiohttp load generator"},
+        "streaming": streaming,
+        "small": small,
+        "memory": memory,
+        "startup": {"runs_s": startup, "median_s": results.median(startup)},
+    }
+    result["targets"] = results.evaluate_targets(result)
+    return result

@@ -1,0 +1,228 @@
+"""The processes a benchmark measures: the fake Ollama, the gateway and nginx, started and
+stopped as subprocesses, with their readiness, start-up time and resident memory.
+
+Each runs in its own process (as in production), so the load generator, the upstream and
+the proxy under test do not share an event loop or a GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+MODEL = "llama3.2:latest"
+_READY_TIMEOUT_S = 20.0
+_POLL_S = 0.005  # start-up is measured by polling: 5 ms is its resolution
+
+
+@dataclass
+class Service:
+    name: str
+    proc: asyncio.subprocess.Process
+    url: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size from ``/proc/PID/status`` (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def _tail(log: Path | None) -> str:
+    """The end of a service's log, for the error that says why it did not start."""
+    if log is None or not log.exists():
+        return ""
+    return log.read_text(errors="replace")[-2000:]
+
+
+def free_port() -> int:
+    """A port free right now. nginx and ``proxy serve`` take a number, not a socket, so this
+    races with other processes; start() retries on a bind failure."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def stop(service: Service | None) -> None:
+    """SIGTERM, then SIGKILL after 5 s; never raises."""
+    if service is None or service.proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        service.proc.terminate()
+    try:
+        async with asyncio.timeout(5):
+            await service.proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            service.proc.kill()
+        await service.proc.wait()
+
+
+async def wait_ready(service: Service, path: str, *, log: Path | None = None) -> float:
+    """Poll ``path`` until it answers 200; return seconds since ``wait_ready`` was called."""
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while time.perf_counter() - started < _READY_TIMEOUT_S:
+            if service.proc.returncode is not None:
+                raise RuntimeError(
+                    f"{service.name} exited with {service.proc.returncode}\n{_tail(log)}"
+                )
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(service.url + path) as response:
+                    if response.status == 200:
+                        return time.perf_counter() - started
+            await asyncio.sleep(_POLL_S)
+    raise RuntimeError(f"{service.name} was not ready within {_READY_TIMEOUT_S:g} s")
+
+
+async def start_fake(*, tokens: int, token_interval_s: float, num_parallel: int) -> Service:
+    """``python -m loadtest.fake_ollama`` on an ephemeral port (it prints its URL)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.fake_ollama", "--port", "0",
+        "--tokens", str(tokens), "--token-interval", str(token_interval_s),
+        "--num-parallel", str(num_parallel), "--models", MODEL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    service = Service("fake-ollama", proc, "")
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(_READY_TIMEOUT_S):
+            service.url = (await proc.stdout.readline()).decode().strip()
+    except BaseException:
+        await stop(service)
+        raise
+    if not service.url.startswith("http://"):
+        await stop(service)
+        raise RuntimeError("the fake Ollama did not start")
+    return service
+
+
+def gateway_env(upstream_url: str, port: int, parallel: int, config_path: Path) -> dict[str, str]:
+    """Every feature on (admission, metrics, usage parsing), limits too high to refuse."""
+    return {
+        **os.environ,
+        "PROXY_CONFIG": str(config_path),  # an empty file: no ./config.yaml sneaks in
+        "OLLAMA_URL": upstream_url,
+        "OLLAMA_MODEL": MODEL,
+        "PROXY_HOST": "127.0.0.1",
+        "PROXY_PORT": str(port),
+        "MAX_REQUESTS_PER_MINUTE": "1e9",
+        "RATE_LIMIT_BURST": "1000000000",
+        "CLIENT_REQUESTS_PER_MINUTE": "1e9",
+        "CLIENT_RATE_LIMIT_BURST": "1000000000",
+        "OLLAMA_NUM_PARALLEL": str(parallel),
+        "MAX_QUEUE": "100000",
+        "MAX_QUEUE_PER_CLIENT": "100000",
+        "PROBE_INTERVAL": "3600",
+        "LOG_LEVEL": "warning",
+    }
+
+
+async def start_gateway(
+    upstream_url: str, *, parallel: int, workdir: Path
+) -> tuple[Service, float]:
+    """``python -m proxy serve``; returns it and its start-up time to a ready ``/health``."""
+    config_path = workdir / "empty-config.yaml"
+    config_path.touch()
+    log = workdir / "gateway.log"
+    for _attempt in range(3):
+        port = free_port()
+        env = gateway_env(upstream_url, port, parallel, config_path)
+        with log.open("ab") as sink:
+            started = time.perf_counter()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "serve", env=env,
+                stdout=sink, stderr=sink, stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        service = Service("gateway", proc, f"http://127.0.0.1:{port}")
+        try:
+            await wait_ready(service, "/health", log=log)
+        except RuntimeError:
+            await stop(service)
+            if "address already in use" in _tail(log).lower():
+                continue  # lost the port race: try another
+            raise
+        except BaseException:
+            await stop(service)
+            raise
+        return service, time.perf_counter() - started
+    raise RuntimeError("could not find a free port for the gateway")
+
+
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+
+
+def nginx_conf(port: int, upstream_url: str, workdir: Path) -> str:
+    """One worker, buffering off, HTTP/1.1 keep-alive to the upstream: a fair C baseline."""
+    upstream = upstream_url.removeprefix("http://").rstrip("/")
+    return f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/client_body;
+    proxy_temp_path {workdir}/proxy_temp;
+    fastcgi_temp_path {workdir}/fastcgi_temp;
+    uwsgi_temp_path {workdir}/uwsgi_temp;
+    scgi_temp_path {workdir}/scgi_temp;
+    upstream fake {{ server {upstream}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host {upstream};
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+async def start_nginx(binary: str, upstream_url: str, workdir: Path) -> Service:
+    for _attempt in range(3):
+        port = free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(nginx_conf(port, upstream_url, workdir))
+        log = workdir / "nginx-error.log"
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-p", str(workdir), "-c", str(conf), "-e", str(log),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        service = Service("nginx", proc, f"http://127.0.0.1:{port}")
+        try:
+            await wait_ready(service, "/api/version", log=log)
+        except RuntimeError:
+            await stop(service)
+            if "address already in use" in _tail(log).lower():
+                continue
+            raise
+        except BaseException:
+            await stop(service)
+            raise
+        return service
+    raise RuntimeError("could not find a free port for nginx")

@@ -1,0 +1,181 @@
+"""The benchmark runs end to end at tiny sizes, and its pure parts compute what they claim."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.bench import results
+from loadtest.bench.services import nginx_conf
+from loadtest.bench.wrk import lua_script, parse_wrk
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WRK_OUTPUT = """\
+Running 1s test @ http://127.0.0.1:39713/api/tags
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.51ms    2.10ms  19.88ms   92.59%
+    Req/Sec     7.64k     2.68k   11.11k    70.00%
+  Latency Distribution
+     50%  890.00us
+     75%    1.19ms
+     90%    2.50ms
+     99%   12.29ms
+  7619 requests in 1.00s, 8.46MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   7600.17
+Transfer/sec:      8.44MB
+"""
+
+
+@pytest.mark.timeout(5)
+def test_wrk_output_is_parsed_with_units() -> None:
+    """Requests/s, p50/p99 in seconds whatever wrk's unit, and errors from both error lines."""
+    parsed = parse_wrk(WRK_OUTPUT)
+    assert parsed.requests_per_s == 7600.17
+    assert parsed.latency_p50_s == pytest.approx(890e-6)
+    assert parsed.latency_p99_s == pytest.approx(12.29e-3)
+    assert parsed.requests == 7619
+    assert parsed.errors == 7
+    with pytest.raises(ValueError, match="unexpected wrk output"):
+        parse_wrk("wrk: connection refused")
+
+
+@pytest.mark.timeout(5)
+def test_lua_script_posts_the_body_as_json() -> None:
+    """The wrk script's body literal decodes (as JSON, which Lua reads alike) to the body."""
+    body = {"model": "m", "messages": [{"role": "user", "content": 'say "hi"\n'}]}
+    script = lua_script(body)
+    literal = script.split("wrk.body = ", 1)[1].split("\n", 1)[0]
+    assert json.loads(json.loads(literal)) == body
+    assert 'wrk.method = "POST"' in script
+
+
+@pytest.mark.timeout(5)
+def test_nginx_config_is_a_fair_baseline(tmp_path: Path) -> None:
+    """One worker, no buffering, HTTP/1.1 keep-alive upstream, foreground, files in the temp dir."""
+    conf = nginx_conf(8080, "http://127.0.0.1:9000", tmp_path)
+    for directive in (
+        "worker_processes 1;",
+        "daemon off;",
+        "proxy_buffering off;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "server 127.0.0.1:9000; keepalive",
+        "listen 127.0.0.1:8080;",
+    ):
+        assert directive in conf
+    assert f"pid {tmp_path}/nginx.pid;" in conf
+
+
+@pytest.mark.timeout(5)
+def test_ratios_and_added_latency_are_paired_within_rounds() -> None:
+    """A ratio is taken within each round, then the median over rounds is reported."""
+    runs = {
+        "direct": [{"rate": 100.0, "p50": 1.0}, {"rate": 50.0, "p50": 2.0}, {"rate": 80, "p50": 1}],
+        "nginx": [{"rate": 90.0, "p50": 1.5}, {"rate": 45.0, "p50": 2.5}, {"rate": 72, "p50": 1.5}],
+        "gateway": [{"rate": 50.0, "p50": 3.0}, {"rate": 40.0, "p50": 3.0}, {"rate": 40, "p50": 2}],
+    }
+    out = results.summarise(runs, "rate", ("p50",))
+    assert out["direct"]["rate"] == 80
+    assert out["ratios"]["nginx_vs_direct"] == pytest.approx(0.9)
+    assert out["ratios"]["gateway_vs_direct"] == pytest.approx(0.5)  # 0.5, 0.8, 0.5
+    assert out["added_ms"]["gateway"]["p50"] == pytest.approx(1.0)  # 2, 1, 1
+    alone = results.summarise({"direct": runs["direct"], "gateway": runs["gateway"]}, "rate", ())
+    assert alone["ratios"]["gateway_vs_nginx"] is None
+
+
+def _result(**memory: object) -> dict[str, object]:
+    block = {"ratios": {"gateway_vs_nginx": 0.6}, "added_ms": {"gateway": {"ttft_p50_ms": 0.4}}}
+    return {
+        "streaming": {"ratios": {"gateway_vs_nginx": 0.9}, "added_ms": block["added_ms"]},
+        "small": {
+            "/api/tags": block,
+            "/v1/chat/completions": {"ratios": {"gateway_vs_nginx": 0.4}},
+        },
+        "memory": {
+            "idle_mb": 40.0,
+            "streams": 500,
+            "streams_mb": 90.0,
+            "streaming": 500,
+            "queued": 0,
+            "parallel": 512,
+        }
+        | memory,
+        "startup": {"median_s": 0.4},
+    }
+
+
+@pytest.mark.timeout(5)
+def test_targets_pass_miss_or_not_measured() -> None:
+    """Each target compares its measured value; the worst small-request ratio is the one judged."""
+    targets = results.evaluate_targets(_result())
+    assert [t["passed"] for t in targets] == [False, True, False, True, True, True]
+    assert targets[2]["measured"] == 0.4
+    assert all(t["note"] == "" for t in targets)
+    few = results.evaluate_targets(_result(streams=20))
+    assert few[4]["passed"] is None  # 500 streams were not measured
+    capped = results.evaluate_targets(_result(streaming=256, queued=244, parallel=256))
+    assert "256 streaming + 244 queued" in capped[4]["note"]
+
+
+@pytest.mark.timeout(120)
+async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
+    """`python -m loadtest.bench --smoke` finishes in seconds and its JSON has every field."""
+    out = tmp_path / "bench.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "loadtest.bench",
+        "--smoke",
+        "--json",
+        str(out),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(100):
+            stdout, stderr = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert "targets" in stdout.decode()
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"machine", "baselines", "tools", "settings", "streaming", "small"}
+    assert set(doc) >= {"memory", "startup", "targets"}
+    assert doc["baselines"][0] == "direct"
+    names = ["direct", *doc["baselines"][1:], "gateway"]
+    for name in names:
+        assert set(doc["streaming"][name]) >= {"chunks_per_s", "ttft_p50_ms", "ttft_p99_ms"}
+        assert doc["streaming"][name]["errors"] == 0
+    assert set(doc["streaming"]["ratios"]) == {
+        "nginx_vs_direct",
+        "gateway_vs_direct",
+        "gateway_vs_nginx",
+    }
+    assert set(doc["streaming"]["added_ms"]["gateway"]) == {"ttft_p50_ms", "ttft_p99_ms"}
+    for path in ("/api/tags", "/v1/chat/completions"):
+        block = doc["small"][path]
+        for name in names:
+            assert set(block[name]) >= {"requests_per_s", "latency_p50_ms", "latency_p99_ms"}
+            assert block[name]["errors"] == 0
+        assert set(block["ratios"]) == {"nginx_vs_direct", "gateway_vs_direct", "gateway_vs_nginx"}
+    memory = doc["memory"]
+    assert set(memory) >= {"idle_mb", "streams", "streams_mb", "streaming", "queued"}
+    assert memory["streaming"] + memory["queued"] == memory["streams"]
+    assert {"after_load_mb", "parallel"} <= set(memory)
+    assert len(doc["startup"]["runs_s"]) == 1
+    assert doc["startup"]["median_s"] > 0
+    assert [t["target"] for t in doc["targets"]] == [name for name, _ in results.TARGETS]
+    assert all(set(t) == {"target", "unit", "measured", "passed", "note"} for t in doc["targets"])
