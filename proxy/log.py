@@ -9,22 +9,32 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
+import orjson
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
 
 
+def _dumps(event: Any, **_: Any) -> bytes:
+    # orjson renders the request_finished line several times faster than json, and a line
+    # is written for every request; values it does not know become their str().
+    return orjson.dumps(event, default=str)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer(colors=out.isatty())
-        if use_console
-        else structlog.processors.JSONRenderer()
-    )
+    renderer: structlog.typing.Processor
+    factory: Any
+    if use_console:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        factory = structlog.PrintLoggerFactory(out)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+        factory = structlog.BytesLoggerFactory(out.buffer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -34,7 +44,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     # aiohttp's own loggers (access log off; errors only) go through the stdlib.

@@ -7,10 +7,10 @@ re-serialised only when something in it changed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from proxy.config import Config
@@ -47,7 +47,7 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequestError("missing request body: expected a JSON object")
     try:
-        obj = json.loads(raw)
+        obj = orjson.loads(raw)
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -135,7 +135,7 @@ class Policy:
         if changed:
             if options:
                 obj["options"] = options
-            prepared.body = json.dumps(obj, separators=(",", ":")).encode()
+            prepared.body = orjson.dumps(obj)
         return prepared
 
 

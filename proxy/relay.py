@@ -23,13 +23,19 @@ log = structlog.get_logger("proxy.relay")
 
 
 def scanner_for(
-    content_type: str, *, status: int, strip_usage: bool, openai: bool, counts_usage: bool
+    content_type: str,
+    *,
+    status: int,
+    strip_usage: bool,
+    openai: bool,
+    counts_usage: bool,
+    count_chunks: bool,
 ) -> Scanner:
     """Pick how to read a body from the response's Content-Type, not the request's Accept."""
     if content_type == NDJSON_CONTENT_TYPE and status == 200:
         return NdjsonScanner()
     if content_type == SSE_CONTENT_TYPE and status == 200:
-        return SseScanner(strip_usage=strip_usage)
+        return SseScanner(strip_usage=strip_usage, count_chunks=count_chunks)
     if content_type == JSON_CONTENT_TYPE and counts_usage:
         return JsonScanner(openai=openai)
     return Scanner()
@@ -47,14 +53,16 @@ async def relay(
     idle_timeout_s: float,
     strip_usage: bool = False,
     counts_usage: bool = False,
+    count_chunks: bool = False,
     require_end: bool = False,
     deadline: float | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream`` to the client and record what the body said in ``exchange``.
 
     ``counts_usage``: an inference answer, whose statistics are read even when it is not
-    streamed. ``require_end``: a generation stream must end with ``done: true`` or ``[DONE]``; one
-    that just stops was cut short. (Pull progress ends with a status line instead.)
+    streamed; ``count_chunks``: its upstream may send no usage in streams, so count content
+    chunks. ``require_end``: a generation stream must end with ``done: true`` or ``[DONE]``;
+    one that just stops was cut short. (Pull progress ends with a status line instead.)
     """
     content_type = upstream.content_type
     streamed = is_stream(content_type)
@@ -64,11 +72,11 @@ async def relay(
         strip_usage=strip_usage,
         openai=exchange.dialect.is_openai,
         counts_usage=counts_usage,
+        count_chunks=count_chunks,
     )
     headers = forward_response_headers(upstream.headers)
     headers.update(exchange.headers)
-    kind = web.StreamResponse if streamed else _WholeResponse
-    response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
+    response = _RelayResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if not streamed and upstream.content_length is not None:
         response.content_length = upstream.content_length
     exchange.status = upstream.status
@@ -103,10 +111,9 @@ async def relay(
     return response
 
 
-class _WholeResponse(web.StreamResponse):
-    """A non-streamed answer: its headers leave with the first body bytes and its last
-    chunk with the end marker, so a small answer is one write instead of three (aiohttp's
-    own ``web.Response`` does the same)."""
+class _RelayResponse(web.StreamResponse):
+    """Headers leave with the first body bytes, as aiohttp's own ``web.Response`` does: one
+    write fewer per response. (Ollama, too, sends its headers with the first chunk.)"""
 
     _send_headers_immediately = False
 
@@ -126,14 +133,17 @@ async def _copy(
 ) -> tuple[Failure | None, bytes]:
     """The hot loop: read what the upstream has, write it, until EOF or a failure.
 
-    A stream's chunks are written as they come. A non-streamed body keeps its latest chunk
-    back, to be written together with the end of the response; returned as the second item.
+    A stream's chunks are written as they come. What can wait (a non-streamed body's latest
+    chunk, a stream's last frames once it said it is done) is held back to leave with the
+    end of the response in one write; returned as the second item.
     """
     content = upstream.content
     held = b""
     while True:
         chunk = await _read(content, idle_timeout_s)
         if isinstance(chunk, tuple):
+            if scanner.complete:
+                break  # the upstream had said all it had to: only its framing broke
             return chunk, b""
         if not chunk:
             break
@@ -145,20 +155,16 @@ async def _copy(
         out = scanner.feed(chunk)
         if out:
             exchange.bytes_out += len(out)
-            if streamed:
+            if held:
+                await response.write(held)
+                held = b""
+            if streamed and not scanner.complete:
                 await response.write(out)
             else:
-                if held:
-                    await response.write(held)
                 held = out
     tail = scanner.finish()
-    if tail:
-        exchange.bytes_out += len(tail)
-        if streamed:
-            await response.write(tail)
-        else:
-            held += tail
-    return None, held
+    exchange.bytes_out += len(tail)
+    return None, held + tail
 
 
 async def _read(content: aiohttp.StreamReader, idle_timeout_s: float) -> bytes | Failure:

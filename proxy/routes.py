@@ -204,6 +204,7 @@ async def forward(
             idle_timeout_s=cfg.idle_timeout_s,
             strip_usage=strip_usage,
             counts_usage=inference,
+            count_chunks=cfg.kind != "ollama",
             require_end=generates,
             deadline=deadline,
         )

@@ -9,12 +9,12 @@ hold those facts are parsed; the rest is searched with ``bytes.find``, which run
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 # A final Ollama line with a large ``context`` array can be hundreds of KB; Ollama's own Go
 # client allows 8 MB. Beyond this, the gateway keeps relaying but stops looking.
@@ -70,7 +70,7 @@ def _error_message(obj: dict[str, Any]) -> str | None:
 
 def _loads(raw: bytes) -> dict[str, Any] | None:
     try:
-        obj = json.loads(raw)
+        obj = orjson.loads(raw)
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
@@ -173,6 +173,9 @@ class NdjsonScanner(Scanner):
 _CONTENT_KEYS = (b'"content":', b'"text":')
 
 
+_MARKERS = (b'"usage"', b'"error"', b"[DONE]")
+
+
 def count_content(data: bytes, end: int) -> int:
     """Frames' worth of non-empty ``content``/``text`` values in ``data[:end]``.
 
@@ -201,9 +204,12 @@ class SseScanner(Scanner):
     a blank line, ``\n\n`` from Go servers and ``\r\n\r\n`` from sse-starlette.
     """
 
-    def __init__(self, *, strip_usage: bool) -> None:
+    def __init__(self, *, strip_usage: bool, count_chunks: bool = True) -> None:
         super().__init__()
         self._strip = strip_usage
+        # Counting content chunks is the fallback for servers that send no usage; Ollama
+        # always does when asked, so its streams skip the count.
+        self._count = count_chunks
         self._pending = b""
         self._sep = b""
 
@@ -224,22 +230,32 @@ class SseScanner(Scanner):
             return b""
         end += len(sep)
         self._hold(data[end:])
-        if (
-            data.find(b'"usage"', 0, end) < 0
-            and data.find(b'"error"', 0, end) < 0
-            and data.find(b"[DONE]", 0, end) < 0
-        ):
-            self.content_chunks += count_content(data, end)
-            return data if end == len(data) else data[:end]
-        out = []
-        for frame in data[: end - len(sep)].split(sep):
-            kept = self._filter(frame)
-            if kept is not None:
-                out.append(kept + sep)
+        # Frames before the first that can say something (usage, an error, the end) pass
+        # through as they are; only from that frame on is the data split and looked at.
+        cut = self._plain_prefix(data, end, sep)
+        out = [data[:cut]] if cut else []
+        if self._count and cut:
+            self.content_chunks += count_content(data, cut)
+        if cut < end:
+            for frame in data[cut : end - len(sep)].split(sep):
+                kept = self._filter(frame)
+                if kept is not None:
+                    out.append(kept + sep)
+        if len(out) == 1 and cut == len(data):
+            return data
         return b"".join(out)
 
     def _hold(self, tail: bytes) -> None:
         self._pending = tail if len(tail) <= MAX_SCAN_BYTES else b""
+
+    @staticmethod
+    def _plain_prefix(data: bytes, end: int, sep: bytes) -> int:
+        """Where the first frame that mentions usage, an error or [DONE] starts (or end)."""
+        marks = [i for marker in _MARKERS if (i := data.find(marker, 0, end)) >= 0]
+        if not marks:
+            return end
+        boundary = data.rfind(sep, 0, min(marks))
+        return boundary + len(sep) if boundary >= 0 else 0
 
     def _filter(self, frame: bytes) -> bytes | None:
         """The frame to forward, rewritten or dropped where usage must not reach the client."""
@@ -248,7 +264,8 @@ class SseScanner(Scanner):
             if frame.startswith(b"data:") and frame[5:].strip() == b"[DONE]":
                 self.complete = True
             return frame
-        self.content_chunks += count_content(frame, len(frame))
+        if self._count:
+            self.content_chunks += count_content(frame, len(frame))
         obj = _loads(frame[start:]) if b'"usage"' in frame or b'"error"' in frame else None
         if obj is None:
             return frame
@@ -260,7 +277,7 @@ class SseScanner(Scanner):
         if usage is not None and self._strip:
             # /v1/completions repeats a zeroed usage on every chunk when usage was asked for.
             del obj["usage"]
-            return frame[:start] + json.dumps(obj, separators=(",", ":")).encode()
+            return frame[:start] + orjson.dumps(obj)
         return frame
 
     def finish(self) -> bytes:

@@ -90,11 +90,12 @@ FINISH = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "sto
 USAGE = {"id": "c", "choices": [], "usage": {"prompt_tokens": 26, "completion_tokens": 2}}
 
 
-def test_sse_strips_the_usage_chunk_the_gateway_asked_for() -> None:
+@pytest.mark.parametrize("size", [10, 97, 100_000])
+def test_sse_strips_the_usage_chunk_the_gateway_asked_for(size: int) -> None:
     """With strip_usage the client sees exactly the stream it asked for, and usage is counted."""
     body = _sse(CHUNK) * 2 + _sse(FINISH) + _sse(USAGE) + b"data: [DONE]\n\n"
     scanner = SseScanner(strip_usage=True)
-    out = _feed_all(scanner, [body[i : i + 10] for i in range(0, len(body), 10)])
+    out = _feed_all(scanner, [body[i : i + size] for i in range(0, len(body), size)])
     assert out == _sse(CHUNK) * 2 + _sse(FINISH) + b"data: [DONE]\n\n"
     assert scanner.complete
     assert scanner.usage is not None
@@ -134,6 +135,14 @@ def test_sse_without_done_is_incomplete_and_crlf_frames_are_understood() -> None
     scanner = SseScanner(strip_usage=True)
     _feed_all(scanner, [crlf, b"data: [DONE]\r\n\r\n"])
     assert scanner.complete
+
+
+def test_sse_chunks_are_not_counted_when_usage_is_certain() -> None:
+    """For Ollama, which always sends usage when asked, content chunks are not counted."""
+    scanner = SseScanner(strip_usage=True, count_chunks=False)
+    _feed_all(scanner, [_sse(CHUNK) * 3 + _sse(USAGE) + b"data: [DONE]\n\n"])
+    assert scanner.content_chunks == 0
+    assert scanner.usage is not None
 
 
 def test_sse_error_event_is_recorded() -> None:

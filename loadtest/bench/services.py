@@ -113,7 +113,8 @@ async def start_fake(*, tokens: int, token_interval_s: float, num_parallel: int)
 
 
 def gateway_env(upstream_url: str, port: int, parallel: int, config_path: Path) -> dict[str, str]:
-    """Every feature on (admission, metrics, usage parsing), limits too high to refuse."""
+    """Every feature on (admission, metrics, usage parsing, the JSON log line of each
+    request, written to a file), limits too high to refuse."""
     return {
         **os.environ,
         "PROXY_CONFIG": str(config_path),  # an empty file: no ./config.yaml sneaks in
@@ -129,7 +130,8 @@ def gateway_env(upstream_url: str, port: int, parallel: int, config_path: Path) 
         "MAX_QUEUE": "100000",
         "MAX_QUEUE_PER_CLIENT": "100000",
         "PROBE_INTERVAL": "3600",
-        "LOG_LEVEL": "warning",
+        "LOG_LEVEL": "info",
+        "LOG_FORMAT": "json",
     }
 
 
