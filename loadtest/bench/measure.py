@@ -23,6 +23,7 @@ from loadtest.bench.services import (
     rss_bytes,
     start_fake,
     start_gateway,
+    start_naive,
     start_nginx,
     stop,
 )
@@ -222,7 +223,7 @@ async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
     nginx_bin = find_nginx() if s.use_nginx else None
     wrk_bin = find_wrk() if s.use_wrk else None
     say(f"nginx: {nginx_bin or 'not found'}; wrk: {wrk_bin or 'not found (aiohttp instead)'}")
-    fake = gateway = nginx = None
+    fake = gateway = nginx = naive = None
     try:
         fake = await start_fake(tokens=s.chunks, token_interval_s=0.0, num_parallel=UPSTREAM_SLOTS)
         say("start-up ...")
@@ -232,11 +233,14 @@ async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
         if nginx_bin is not None:
             nginx = await start_nginx(nginx_bin, fake.url, workdir)
             targets["nginx"] = nginx.url
+        naive = await start_naive(fake.url, workdir)
+        targets["naive"] = naive.url
         targets["gateway"] = gateway.url
         streaming = await measure_streaming(targets, s, say)
         small = await measure_small(targets, s, wrk_bin, workdir, say)
         after_load = rss_bytes(gateway.pid)
     finally:
+        await stop(naive)
         await stop(nginx)
         await stop(gateway)
         await stop(fake)

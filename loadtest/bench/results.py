@@ -17,6 +17,8 @@ MB = 1e6
 
 # (name, unit) of each target the issue sets; `measured` and `passed` are filled in.
 TARGETS = (
+    ("streaming beats the naive aiohttp relay", "x naive"),
+    ("small requests beat the naive relay", "x naive"),
     ("streaming throughput >= nginx", "x nginx"),
     ("added TTFT p50 < 1 ms", "ms"),
     ("small requests >= 0.5x nginx", "x nginx"),
@@ -80,11 +82,17 @@ def summarise(
     }
     out["ratios"] = {
         f"{a}_vs_{b}": _paired(runs, a, b, rate_key, _ratio)
-        for a, b in (("nginx", "direct"), ("gateway", "direct"), ("gateway", "nginx"))
+        for a, b in (
+            ("nginx", "direct"),
+            ("naive", "direct"),
+            ("gateway", "direct"),
+            ("gateway", "nginx"),
+            ("gateway", "naive"),
+        )
     }
     out["added_ms"] = {
         name: {key: _paired(runs, name, "direct", key, _minus) for key in latency_keys}
-        for name in ("nginx", "gateway")
+        for name in ("nginx", "naive", "gateway")
         if name in runs
     }
     return out
@@ -94,7 +102,10 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the issue with the measured value and PASS/MISS (None: not measured)."""
     streaming, small, memory = result["streaming"], result["small"], result["memory"]
     small_ratios = [s["ratios"]["gateway_vs_nginx"] for s in small.values()]
+    small_vs_naive = [s["ratios"]["gateway_vs_naive"] for s in small.values()]
     measured: list[tuple[float | None, Callable[[float], bool]]] = [
+        (streaming["ratios"]["gateway_vs_naive"], lambda v: v > 1.0),
+        (None if None in small_vs_naive else min(small_vs_naive, default=None), lambda v: v > 1.0),
         (streaming["ratios"]["gateway_vs_nginx"], lambda v: v >= 1.0),
         (streaming["added_ms"]["gateway"]["ttft_p50_ms"], lambda v: v < 1.0),
         (None if None in small_ratios else min(small_ratios, default=None), lambda v: v >= 0.5),
@@ -104,7 +115,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     notes = [""] * len(TARGETS)
     if memory["queued"]:
-        notes[4] = (
+        notes[6] = (
             f"{memory['streaming']} streaming + {memory['queued']} queued: the gate allows "
             f"{memory['parallel']} slots at most"
         )
@@ -125,7 +136,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def _table(title: str, block: dict[str, Any], rows: list[tuple[str, str, int]]) -> list[str]:
-    names = [n for n in ("direct", "nginx", "gateway") if n in block]
+    names = [n for n in ("direct", "nginx", "naive", "gateway") if n in block]
     lines = [title, f"  {'':<26}" + "".join(f"{n:>12}" for n in names)]
     for label, key, digits in rows:
         lines.append(
@@ -138,7 +149,8 @@ def render(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     lines = [
         f"Gateway benchmark on {m['nproc']} CPU(s), {m['cpu']}; Python {m['python']}",
-        f"baselines found: {', '.join(result['baselines'])}"
+        f"baselines: {', '.join(result['baselines'])} (naive: an aiohttp relay that reads and "
+        "writes, nothing else)"
         + ("" if "nginx" in result["baselines"] else " (no nginx: install it for the C baseline)"),
         f"medians of {s['rounds']} round(s); ratios and added latencies paired within a round",
         "",
@@ -156,8 +168,9 @@ def render(result: dict[str, Any]) -> str:
     )
     r, added = st["ratios"], st["added_ms"]
     lines.append(
-        f"  chunks/s vs direct: nginx {_fmt(r['nginx_vs_direct'])}x, gateway "
-        f"{_fmt(r['gateway_vs_direct'])}x; gateway vs nginx {_fmt(r['gateway_vs_nginx'])}x"
+        f"  chunks/s vs direct: nginx {_fmt(r['nginx_vs_direct'])}x, naive "
+        f"{_fmt(r['naive_vs_direct'])}x, gateway {_fmt(r['gateway_vs_direct'])}x; gateway vs "
+        f"nginx {_fmt(r['gateway_vs_nginx'])}x, vs naive {_fmt(r['gateway_vs_naive'])}x"
     )
     for name, values in added.items():
         lines.append(
@@ -180,8 +193,9 @@ def render(result: dict[str, Any]) -> str:
         ]
         r = block["ratios"]
         lines.append(
-            f"  requests/s vs direct: nginx {_fmt(r['nginx_vs_direct'])}x, gateway "
-            f"{_fmt(r['gateway_vs_direct'])}x; gateway vs nginx {_fmt(r['gateway_vs_nginx'])}x; "
+            f"  requests/s vs direct: nginx {_fmt(r['nginx_vs_direct'])}x, naive "
+            f"{_fmt(r['naive_vs_direct'])}x, gateway {_fmt(r['gateway_vs_direct'])}x; gateway vs "
+            f"nginx {_fmt(r['gateway_vs_nginx'])}x, vs naive {_fmt(r['gateway_vs_naive'])}x; "
             f"added p50: {_fmt(block['added_ms'].get('gateway', {}).get('latency_p50_ms'), 3)} ms"
         )
     mem, up = result["memory"], result["startup"]

@@ -1,4 +1,5 @@
-"""The processes a benchmark measures: the fake Ollama, the gateway and nginx, started and
+"""The processes a benchmark measures: the fake Ollama, the gateway, nginx and the naive
+relay, started and
 stopped as subprocesses, with their readiness, start-up time and resident memory.
 
 Each runs in its own process (as in production), so the load generator, the upstream and
@@ -14,6 +15,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,25 +137,27 @@ def gateway_env(upstream_url: str, port: int, parallel: int, config_path: Path) 
     }
 
 
-async def start_gateway(
-    upstream_url: str, *, parallel: int, workdir: Path
+async def _start_on_free_port(
+    name: str,
+    argv: Callable[[int], list[str]],
+    *,
+    ready_path: str,
+    log: Path,
+    env: Callable[[int], dict[str, str]] | None = None,
 ) -> tuple[Service, float]:
-    """``python -m proxy serve``; returns it and its start-up time to a ready ``/health``."""
-    config_path = workdir / "empty-config.yaml"
-    config_path.touch()
-    log = workdir / "gateway.log"
+    """Start ``argv(port)`` on a free port, retrying when another process took the port
+    first; returns the service and its start-up time to a ready ``ready_path``."""
     for _attempt in range(3):
         port = free_port()
-        env = gateway_env(upstream_url, port, parallel, config_path)
         with log.open("ab") as sink:
             started = time.perf_counter()
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", "serve", env=env,
+                *argv(port), env=env(port) if env else None,
                 stdout=sink, stderr=sink, stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
-        service = Service("gateway", proc, f"http://127.0.0.1:{port}")
+        service = Service(name, proc, f"http://127.0.0.1:{port}")
         try:
-            await wait_ready(service, "/health", log=log)
+            await wait_ready(service, ready_path, log=log)
         except RuntimeError:
             await stop(service)
             if "address already in use" in _tail(log).lower():
@@ -163,7 +167,41 @@ async def start_gateway(
             await stop(service)
             raise
         return service, time.perf_counter() - started
-    raise RuntimeError("could not find a free port for the gateway")
+    raise RuntimeError(f"could not find a free port for {name}")
+
+
+async def start_gateway(
+    upstream_url: str, *, parallel: int, workdir: Path
+) -> tuple[Service, float]:
+    """``python -m proxy serve``; returns it and its start-up time to a ready ``/health``."""
+    config_path = workdir / "empty-config.yaml"
+    config_path.touch()
+    return await _start_on_free_port(
+        "gateway",
+        lambda port: [sys.executable, "-m", "proxy", "serve"],
+        ready_path="/health",
+        log=workdir / "gateway.log",
+        env=lambda port: gateway_env(upstream_url, port, parallel, config_path),
+    )
+
+
+async def start_naive(upstream_url: str, workdir: Path) -> Service:
+    """The naive aiohttp relay (read, write, nothing else) the gateway must beat."""
+    service, _ = await _start_on_free_port(
+        "naive relay",
+        lambda port: [
+            sys.executable,
+            "-m",
+            "loadtest.bench.naive_relay",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream_url,
+        ],
+        ready_path="/api/version",
+        log=workdir / "naive-relay.log",
+    )
+    return service
 
 
 def find_nginx() -> str | None:
@@ -206,25 +244,12 @@ http {{
 
 
 async def start_nginx(binary: str, upstream_url: str, workdir: Path) -> Service:
-    for _attempt in range(3):
-        port = free_port()
-        conf = workdir / "nginx.conf"
+    conf = workdir / "nginx.conf"
+    log = workdir / "nginx-error.log"
+
+    def argv(port: int) -> list[str]:
         conf.write_text(nginx_conf(port, upstream_url, workdir))
-        log = workdir / "nginx-error.log"
-        proc = await asyncio.create_subprocess_exec(
-            binary, "-p", str(workdir), "-c", str(conf), "-e", str(log),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        service = Service("nginx", proc, f"http://127.0.0.1:{port}")
-        try:
-            await wait_ready(service, "/api/version", log=log)
-        except RuntimeError:
-            await stop(service)
-            if "address already in use" in _tail(log).lower():
-                continue
-            raise
-        except BaseException:
-            await stop(service)
-            raise
-        return service
-    raise RuntimeError("could not find a free port for nginx")
+        return [binary, "-p", str(workdir), "-c", str(conf), "-e", str(log)]
+
+    service, _ = await _start_on_free_port("nginx", argv, ready_path="/api/version", log=log)
+    return service
