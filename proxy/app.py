@@ -188,6 +188,7 @@ async def health(request: web.Request) -> web.Response:
             "status": "ok",
             "version": __version__,
             "upstream_up": gateway.watch.last.reachable,
+            "default_model": gateway.config.upstream.default_model,
             "active": gateway.gate.active,
             "queued": gateway.gate.queued,
             "slots": gateway.gate.slots,

@@ -268,22 +268,41 @@ def stdin_reader(prompt: str) -> ReadLine:
     return read_line
 
 
+async def gateway_default_model(url: str) -> str | None:
+    """The model the gateway itself defaults to (its /health says), if it answers."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+            http.get(url + "/health") as response,
+        ):
+            body = await response.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    model = body.get("default_model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+async def _session(chat: Conversation, interactive: bool) -> int:
+    if not chat.model:
+        chat.model = await gateway_default_model(chat.url) or UpstreamConfig().default_model
+    if interactive:
+        print(f"chatting with {chat.model} through {chat.url}; {COMMANDS}")
+    return await converse(chat, stdin_reader(">>> " if interactive else ""), sys.stdout, sys.stderr)
+
+
 def run_chat(args: argparse.Namespace) -> int:
     chat = Conversation(
         url=(args.url or os.environ.get("GATEWAY_URL") or DEFAULT_URL).rstrip("/"),
         api_key=args.api_key or os.environ.get("PROXY_API_KEY") or None,
-        model=args.model or os.environ.get("OLLAMA_MODEL") or UpstreamConfig().default_model,
+        model=args.model or os.environ.get("OLLAMA_MODEL") or "",
         system=args.system,
     )
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history where available
             import readline  # noqa: F401
-        print(f"chatting with {chat.model} through {chat.url}; {COMMANDS}")
     try:
-        return asyncio.run(
-            converse(chat, stdin_reader(">>> " if interactive else ""), sys.stdout, sys.stderr)
-        )
+        return asyncio.run(_session(chat, interactive))
     except KeyboardInterrupt:
         print()
         return 130
@@ -295,7 +314,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--url", help=f"gateway URL (default: $GATEWAY_URL or {DEFAULT_URL})")
     parser.add_argument("--api-key", help="a client API key (default: $PROXY_API_KEY)")
     parser.add_argument(
-        "--model", help=f"model (default: $OLLAMA_MODEL or {UpstreamConfig().default_model})"
+        "--model", help="model (default: $OLLAMA_MODEL, else the gateway's default model)"
     )
     parser.add_argument("--system", help="system prompt for the conversation")
     parser.set_defaults(run=run_chat)

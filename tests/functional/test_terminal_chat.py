@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 STATS = re.compile(r"^ttft \d+\.\d\d s, (\d+) tokens(, [\d.]+ tokens/s)?$", re.MULTILINE)
 
 
-async def chat(url: str, *lines: str, args: tuple[str, ...] = ()) -> tuple[int, str, str]:
+async def chat(
+    url: str, *lines: str, args: tuple[str, ...] = (), model: str | None = MODEL
+) -> tuple[int, str, str]:
     """Run the chat with ``lines`` on its stdin; return its exit status, stdout and stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "OLLAMA_MODEL"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -32,11 +35,10 @@ async def chat(url: str, *lines: str, args: tuple[str, ...] = ()) -> tuple[int, 
         "chat",
         "--url",
         url,
-        "--model",
-        MODEL,
+        *(("--model", model) if model else ()),
         *args,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**env, "PYTHONPATH": str(ROOT)},
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -73,6 +75,15 @@ async def test_answers_stream_with_stats_and_history_model_and_reset_apply(
     assert bodies[1]["messages"][1]["content"] == text_of(5)
     assert bodies[2]["messages"] == [{"role": "user", "content": "fresh start"}]
     assert all(b["stream"] is True for b in bodies)
+
+
+async def test_without_a_model_the_gateways_default_is_used(
+    gateway: RunningGateway, fake: FakeOllama
+) -> None:
+    """With no --model and no $OLLAMA_MODEL, the chat asks the gateway for its default model."""
+    status, _, err = await chat(gateway.url, "hello", "/exit", model=None)
+    assert status == 0, err
+    assert fake.seen[-1].json["model"] == MODEL
 
 
 async def test_system_prompt_leads_every_request_and_end_of_input_exits(
