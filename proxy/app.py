@@ -124,34 +124,33 @@ def finish(gateway: Gateway, ex: Exchange, outcome: str) -> None:
         return
     m = gateway.metrics
     model = gateway.watch.model_label(ex.model)
-    m.requests.inc(
-        {"method": ex.method, "endpoint": ex.endpoint, "model": model, "status": outcome}
-    )
-    m.duration.observe({"endpoint": ex.endpoint, "model": model}, duration_s)
+    series = {"endpoint": ex.endpoint, "model": model}
+    m.count(m.requests, {"method": ex.method, **series, "status": outcome})
+    m.observe(m.duration, series, duration_s)
     if ex.error_type is not None and outcome in ("error", "rejected"):
-        m.errors.inc({"error_type": ex.error_type})
+        m.count(m.errors, {"error_type": ex.error_type})
     ttft_s = None
     if ex.streamed and ex.first_chunk_at is not None:
         ttft_s = ex.first_chunk_at - ex.started
-        m.ttft.observe({"endpoint": ex.endpoint, "model": model}, ttft_s)
+        m.observe(m.ttft, series, ttft_s)
     if ex.queue_wait_s is not None:
-        m.queue_wait.observe({}, ex.queue_wait_s)
+        m.observe(m.queue_wait, {}, ex.queue_wait_s)
+    per_model = {"model": model}
     if ex.prompt_tokens:
-        m.prompt_tokens.add({"model": model}, ex.prompt_tokens)
+        m.count(m.prompt_tokens, per_model, ex.prompt_tokens)
     if ex.completion_tokens:
-        m.completion_tokens.add({"model": model}, ex.completion_tokens)
+        m.count(m.completion_tokens, per_model, ex.completion_tokens)
     if ex.tokens_per_second is not None:
-        m.tokens_per_second.observe({"model": model}, ex.tokens_per_second)
+        m.observe(m.tokens_per_second, per_model, ex.tokens_per_second)
     if ex.load_duration_s is not None:
-        m.load_duration.observe({"model": model}, ex.load_duration_s)
+        m.observe(m.load_duration, per_model, ex.load_duration_s)
     if outcome == "rate_limited":
-        m.rate_limited.inc({"client": ex.client})
+        m.count(m.rate_limited, {"client": ex.client})
     elif outcome == "rejected" and ex.reject_reason is not None:
-        m.rejected.inc({"reason": ex.reject_reason})
+        m.count(m.rejected, {"reason": ex.reject_reason})
     elif outcome == "cancelled":
-        m.disconnects.inc(
-            {"phase": "streaming" if ex.phase in {"upstream", "streaming"} else "queued"}
-        )
+        phase = "streaming" if ex.phase in {"upstream", "streaming"} else "queued"
+        m.count(m.disconnects, {"phase": phase})
     log.log(
         30 if outcome == "error" else 20,
         "request_finished",

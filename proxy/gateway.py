@@ -38,7 +38,7 @@ class Gateway:
         inference_endpoints: tuple[str, ...] = (),
     ) -> Gateway:
         limits = config.limits
-        upstream = Upstream(config.upstream, on_retry=lambda: metrics.retries.inc({}))
+        upstream = Upstream(config.upstream, on_retry=lambda: metrics.count(metrics.retries, {}))
         gate = Gate(
             slots=limits.parallel,
             max_queue=limits.max_queue,
@@ -48,8 +48,8 @@ class Gateway:
         )
 
         def publish_gate() -> None:
-            metrics.active.set({}, gate.active)
-            metrics.queued.set({}, gate.queued)
+            metrics.set(metrics.active, {}, gate.active)
+            metrics.set(metrics.queued, {}, gate.queued)
 
         gate.on_change = publish_gate
         metrics.slots.set({}, limits.parallel)

@@ -7,8 +7,11 @@ names (else ``anonymous``), outcomes, reasons and error types.
 
 from __future__ import annotations
 
-from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
-from aioprometheus.histogram import Histogram as HistogramValue
+import bisect
+import itertools
+from typing import Any, cast
+
+from aioprometheus.collectors import Collector, Counter, Gauge, Histogram, Registry
 
 from proxy import __version__
 from proxy.errors import ERROR_TYPES, REJECT_REASONS
@@ -38,12 +41,47 @@ LOAD_BUCKETS = (
 )  # fmt: skip
 
 
-def _ensure_histogram(histogram: Histogram, labels: dict[str, str]) -> None:
-    """An empty histogram series (aioprometheus creates one only on a first observation)."""
+class HistogramSeries:
+    """One histogram series, as aioprometheus renders it (``buckets``, ``observations``,
+    ``sum``), observed with one bisect. aioprometheus's own value increments every bucket
+    at or above the value on each observation; here a bucket count is kept per bucket and
+    made cumulative when read, at a scrape."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = [float(b) for b in bounds]
+        if self._bounds[-1] != float("inf"):
+            self._bounds.append(float("inf"))
+        self._counts = [0] * len(self._bounds)
+        self.observations = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self.observations += 1
+        self.sum += value
+
+    @property
+    def buckets(self) -> dict[float, int]:
+        return dict(zip(self._bounds, itertools.accumulate(self._counts), strict=True))
+
+
+def _ensure_histogram(histogram: Histogram, labels: dict[str, str]) -> HistogramSeries:
+    """The series for ``labels``, created empty if absent (aioprometheus creates one only
+    on a first observation, which rate() then cannot see)."""
     try:
-        histogram.get_value(labels)
+        series = cast(HistogramSeries, histogram.get_value(labels))
     except KeyError:
-        histogram.set_value(labels, HistogramValue(*histogram.upper_bounds))
+        series = HistogramSeries(tuple(histogram.upper_bounds))
+        histogram.set_value(labels, series)
+    return series
+
+
+def _has(collector: Collector, labels: dict[str, str]) -> bool:
+    try:
+        collector.get_value(labels)
+    except KeyError:
+        return False
+    return True
 
 
 STATUSES = ("success", "error", "rate_limited", "rejected", "cancelled")
@@ -148,7 +186,37 @@ class Metrics:
             registry=r,
         )
         self.info = Gauge("ollama_proxy_info", "Gateway build information.", registry=r)
+        self._keys: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self._initialise()
+
+    # -- the per-request path ------------------------------------------------------------
+    # aioprometheus checks the label names and serialises the label set to a key on every
+    # operation, about 5 us each, several per request. The key of each label set is worked
+    # out once, through the public API, and the series is then updated in place.
+
+    def _series(self, collector: Collector, labels: dict[str, str]) -> tuple[Any, Any]:
+        cache_key = (id(collector), *labels.values())
+        found = self._keys.get(cache_key)
+        if found is None:
+            if isinstance(collector, Histogram):
+                _ensure_histogram(collector, labels)
+            elif not _has(collector, labels):
+                collector.set_value(labels, 0)
+            values = cast(Any, collector.values)  # aioprometheus's MetricDict, untyped
+            found = self._keys[cache_key] = (values.store, values.__keytransform__(labels))
+        return found
+
+    def count(self, counter: Counter, labels: dict[str, str], value: float = 1) -> None:
+        store, key = self._series(counter, labels)
+        store[key] += value
+
+    def observe(self, histogram: Histogram, labels: dict[str, str], value: float) -> None:
+        store, key = self._series(histogram, labels)
+        store[key].observe(value)
+
+    def set(self, gauge: Gauge, labels: dict[str, str], value: float) -> None:
+        store, key = self._series(gauge, labels)
+        store[key] = value
 
     def initialise_requests(self, models: list[str], endpoints: tuple[str, ...]) -> None:
         """Create the inference series at zero; existing ones keep their values.

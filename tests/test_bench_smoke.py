@@ -181,6 +181,8 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
         assert set(block["ratios"]) == ratio_keys
     memory = doc["memory"]
     assert set(memory) >= {"idle_mb", "streams", "streams_mb", "streaming", "queued"}
+    assert memory["scrape_idle_ms"] > 0
+    assert memory["scrape_streams_ms"] > 0
     assert memory["streaming"] + memory["queued"] == memory["streams"]
     assert {"after_load_mb", "parallel"} <= set(memory)
     assert len(doc["startup"]["runs_s"]) == 1

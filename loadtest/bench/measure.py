@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,6 +142,19 @@ def max_parallel(wanted: int) -> int:
     return 1
 
 
+async def scrape_ms(gateway: Service, times: int = 10) -> float | None:
+    """Median time to fetch /metrics: the event loop renders it, so every stream waits that
+    long while it does."""
+    samples = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(times):
+            started = time.perf_counter()
+            async with http.get(gateway.url + "/metrics") as response:
+                await response.read()
+            samples.append((time.perf_counter() - started) * 1000)
+    return results.median(samples)
+
+
 async def gate_state(gateway: Service) -> tuple[int, int]:
     async with aiohttp.ClientSession() as http, http.get(gateway.url + "/health") as response:
         body = await response.json()
@@ -159,6 +173,7 @@ async def measure_memory(s: Settings, workdir: Path, say: Callable[[str], None])
         )
         gateway, _ = await start_gateway(fake.url, parallel=parallel, workdir=workdir)
         idle = rss_bytes(gateway.pid)
+        scrape_idle = await scrape_ms(gateway)
         hold = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "loadtest.bench.loadgen", "hold",
             "--url", gateway.url + "/v1/chat/completions", "--body", json.dumps(STREAM_BODY),
@@ -176,6 +191,7 @@ async def measure_memory(s: Settings, workdir: Path, say: Callable[[str], None])
             # Two token intervals: every admitted stream has relayed chunks by now.
             await asyncio.sleep(2 * s.hold_interval_s)
         held = rss_bytes(gateway.pid)
+        scrape_busy = await scrape_ms(gateway)
         hold.stdin.write(b"\n")
         await hold.stdin.drain()
         async with asyncio.timeout(30):
@@ -188,6 +204,8 @@ async def measure_memory(s: Settings, workdir: Path, say: Callable[[str], None])
             "streaming": active,
             "queued": queued,
             "client_saw_streaming": report["streaming"],
+            "scrape_idle_ms": scrape_idle,
+            "scrape_streams_ms": scrape_busy,
         }
     finally:
         if hold is not None and hold.returncode is None:

@@ -205,6 +205,9 @@ def render(result: dict[str, Any]) -> str:
         f"{mem['streams']} open requests {_fmt(mem['streams_mb'], 1)} MB ({mem['streaming']} "
         f"streaming, {mem['queued']} queued at {mem['parallel']} slots); after the load runs "
         f"{_fmt(mem['after_load_mb'], 1)} MB",
+        f"GET /metrics: {_fmt(mem.get('scrape_idle_ms'))} ms idle, "
+        f"{_fmt(mem.get('scrape_streams_ms'))} ms with {mem['streams']} open streams (the "
+        "streams wait that long while it renders)",
         f"start-up to a ready /health: median {_fmt(up['median_s'], 3)} s over "
         f"{len(up['runs_s'])} start(s)",
         "",

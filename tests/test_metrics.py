@@ -1,0 +1,37 @@
+"""The metrics' fast per-request path renders exactly what aioprometheus's own API would."""
+
+from __future__ import annotations
+
+from aioprometheus.renderer import render
+
+from proxy.metrics import HistogramSeries, Metrics
+
+
+def test_fast_path_renders_what_the_public_api_renders() -> None:
+    """Counters, histograms and gauges updated in place give the same exposition."""
+    slow, fast = Metrics(), Metrics()
+    series = {"endpoint": "/api/chat", "model": "llama3.2:latest"}
+    request = {"method": "POST", **series, "status": "success"}
+    for value in (0.0, 0.005, 0.3, 0.3, 2.0, 1920.0, 5000.0):
+        slow.duration.observe(series, value)
+        fast.observe(fast.duration, series, value)
+        slow.requests.inc(request)
+        fast.count(fast.requests, request)
+        slow.prompt_tokens.add({"model": "m"}, 7)
+        fast.count(fast.prompt_tokens, {"model": "m"}, 7)
+    slow.errors.inc({"error_type": "ConnectError"})
+    fast.count(fast.errors, {"error_type": "ConnectError"})
+    slow.active.set({}, 3)
+    fast.set(fast.active, {}, 3)
+    slow.retries.inc({})
+    fast.count(fast.retries, {})
+    assert render(fast.registry, [])[0] == render(slow.registry, [])[0]
+
+
+def test_histogram_series_counts_values_on_bucket_bounds_in_that_bucket() -> None:
+    """A value equal to an upper bound counts in that bucket (le), cumulatively."""
+    series = HistogramSeries((0.1, 1.0))
+    for value in (0.1, 0.5, 1.0, 2.0):
+        series.observe(value)
+    assert series.buckets == {0.1: 1, 1.0: 3, float("inf"): 4}
+    assert (series.observations, series.sum) == (4, 3.6)
