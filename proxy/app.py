@@ -92,10 +92,11 @@ def _outcome_of(err: ProxyError) -> str:
 
 
 def _from_http(exc: web.HTTPException) -> ProxyError:
-    err = RouteNotFoundError(
-        "no such route" if exc.status == 404 else f"method not allowed ({exc.reason})"
-    )
-    err.status = exc.status
+    """The router's own 404 and 405, to be rendered in the route's dialect."""
+    if exc.status == 404:
+        return RouteNotFoundError("no such route")
+    err = RouteNotFoundError(f"{exc.reason.lower()}: see the README for the routes")
+    err.status, err.code = exc.status, "method_not_allowed"
     return err
 
 

@@ -114,7 +114,10 @@ async def test_unknown_routes_answer_404_in_the_prefix_dialect(
         assert (await response.json())["error"]["type"] == "not_found_error"
     async with http.get(gateway.url + "/api/chat") as response:
         assert response.status == 405
-        assert "error" in await response.json()
+        assert "method not allowed" in (await response.json())["error"]
+    async with http.get(gateway.url + "/v1/chat/completions") as response:
+        assert response.status == 405
+        assert (await response.json())["error"]["code"] == "method_not_allowed"
 
 
 async def test_upstream_down_is_502_in_each_dialect_after_retries(
