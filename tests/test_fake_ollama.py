@@ -366,17 +366,24 @@ async def test_num_parallel_one_makes_the_second_generation_wait(
     fake: FakeOllama, native: ollama.AsyncClient
 ) -> None:
     """With one slot, a second concurrent generation waits and runs after the first."""
-    fake.config.tokens, fake.config.token_interval_s = 4, 0.02
+    # The first is slow enough to still be generating when the second arrives on a busy
+    # machine; once the second waits, the first speeds up (the interval is read per token).
+    fake.config.tokens, fake.config.token_interval_s = 40, 0.05
     first = asyncio.create_task(native.generate("llama3.2", "one"))
     await fake.wait_for(lambda: fake.active == 1)
     second = asyncio.create_task(native.generate("llama3.2", "two"))
     await fake.wait_for(lambda: fake.waiting == 1)
+    fake.config.token_interval_s = 0.01
     results = await asyncio.gather(first, second)
     assert all(r.done_reason == "stop" for r in results)
     assert (fake.max_active, fake.active, fake.waiting) == (1, 0, 0)
-    # The waiter's slot wait shows up in total_duration but not in load_duration.
-    assert results[1].total_duration is not None
-    assert results[1].total_duration > 40_000_000
+    # The waiter's slot wait shows up in total_duration, beside load, prompt and eval time.
+    waited = results[1]
+    assert waited.total_duration is not None
+    accounted = sum(
+        d or 0 for d in (waited.load_duration, waited.prompt_eval_duration, waited.eval_duration)
+    )
+    assert waited.total_duration - accounted > 20_000_000
 
 
 async def test_client_disconnect_is_recorded(fake: FakeOllama, http: aiohttp.ClientSession) -> None:
