@@ -173,12 +173,15 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
     assert set(doc["streaming"]["ratios"]) == ratio_keys
     assert doc["streaming"]["ratios"]["gateway_vs_naive"] is not None
     assert set(doc["streaming"]["added_ms"]["gateway"]) == {"ttft_p50_ms", "ttft_p99_ms"}
+    assert doc["streaming_light"]["gateway"]["ttft_p50_ms"] > 0
     for path in ("/api/tags", "/v1/chat/completions"):
         block = doc["small"][path]
         for name in names:
             assert set(block[name]) >= {"requests_per_s", "latency_p50_ms", "latency_p99_ms"}
             assert block[name]["errors"] == 0
         assert set(block["ratios"]) == ratio_keys
+        assert block["gateway"]["cpu_us_per_request"] > 0
+        assert block["naive"]["cpu_us_per_request"] > 0
     memory = doc["memory"]
     assert set(memory) >= {"idle_mb", "streams", "streams_mb", "streaming", "queued"}
     assert memory["scrape_idle_ms"] > 0

@@ -20,6 +20,7 @@ from loadtest.bench import results
 from loadtest.bench.services import (
     MODEL,
     Service,
+    cpu_seconds,
     find_nginx,
     rss_bytes,
     start_fake,
@@ -88,27 +89,42 @@ async def in_rounds(
 
 
 async def measure_streaming(
-    targets: dict[str, str], s: Settings, say: Callable[[str], None]
+    targets: dict[str, str],
+    s: Settings,
+    say: Callable[[str], None],
+    *,
+    concurrency: int | None = None,
+    requests: int | None = None,
 ) -> dict[str, Any]:
     async def run(base: str) -> dict[str, Any]:
         raw = await loadgen(
             "stream", "--url", base + "/v1/chat/completions", "--body", json.dumps(STREAM_BODY),
-            "--concurrency", str(s.concurrency), "--requests", str(s.stream_requests),
+            "--concurrency", str(concurrency or s.concurrency),
+            "--requests", str(requests or s.stream_requests),
         )  # fmt: skip
         return results.stream_run(raw)
 
-    say("streaming ...")
+    say(f"streaming at concurrency {concurrency or s.concurrency} ...")
     runs = await in_rounds(targets, s.rounds, run, say)
     return results.summarise(runs, "chunks_per_s", ("ttft_p50_ms", "ttft_p99_ms"))
 
 
 async def measure_small(
-    targets: dict[str, str], s: Settings, wrk: str | None, workdir: Path, say: Callable[[str], None]
+    targets: dict[str, str],
+    pids: dict[str, int],
+    *,
+    s: Settings,
+    wrk: str | None,
+    workdir: Path,
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
+    by_url = {url: pids[name] for name, url in targets.items() if name in pids}
     out: dict[str, Any] = {}
     for path, body in SMALL.items():
 
         async def run(base: str, path: str = path, body: object = body) -> dict[str, Any]:
+            pid = by_url.get(base)
+            cpu_before = cpu_seconds(pid) if pid else 0.0
             if wrk is not None:
                 w = await run_wrk(
                     wrk, base + path, connections=s.small_concurrency,
@@ -121,12 +137,19 @@ async def measure_small(
                 raw = await loadgen(*args, *(["--body", json.dumps(body)] if body else []))
                 rps, p50, p99 = raw["requests_per_s"], raw["latency_p50_s"], raw["latency_p99_s"]
                 errors = raw["errors"]
+            # CPU time per request: what the proxy itself spends, whatever else the machine
+            # is doing (nginx: its one worker, not counted here, so shown only for the others).
+            served = rps * s.small_duration_s
+            cpu_us = (cpu_seconds(pid) - cpu_before) / served * 1e6 if pid and served else None
             return {"requests_per_s": rps, "latency_p50_ms": results._ms(p50),
-                    "latency_p99_ms": results._ms(p99), "errors": errors}  # fmt: skip
+                    "latency_p99_ms": results._ms(p99), "errors": errors,
+                    "cpu_us_per_request": cpu_us}  # fmt: skip
 
         say(f"small requests: {path} ...")
         runs = await in_rounds(targets, s.rounds, run, say)
-        out[path] = results.summarise(runs, "requests_per_s", ("latency_p50_ms", "latency_p99_ms"))
+        out[path] = results.summarise(
+            runs, "requests_per_s", ("latency_p50_ms", "latency_p99_ms"), ("cpu_us_per_request",)
+        )
     return out
 
 
@@ -254,8 +277,12 @@ async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
         naive = await start_naive(fake.url, workdir)
         targets["naive"] = naive.url
         targets["gateway"] = gateway.url
+        pids = {"direct": fake.pid, "naive": naive.pid, "gateway": gateway.pid}
         streaming = await measure_streaming(targets, s, say)
-        small = await measure_small(targets, s, wrk_bin, workdir, say)
+        light = await measure_streaming(
+            targets, s, say, concurrency=1, requests=max(20, s.stream_requests // 4)
+        )
+        small = await measure_small(targets, pids, s=s, wrk=wrk_bin, workdir=workdir, say=say)
         after_load = rss_bytes(gateway.pid)
     finally:
         await stop(naive)
@@ -269,6 +296,7 @@ async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
         "tools": {"nginx": nginx_bin, "wrk": wrk_bin},
         "settings": asdict(s) | {"small_tool": "wrk -t1" if wrk_bin else "aiohttp load generator"},
         "streaming": streaming,
+        "streaming_light": light,
         "small": small,
         "memory": memory,
         "startup": {"runs_s": startup, "median_s": results.median(startup)},

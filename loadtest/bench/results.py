@@ -72,11 +72,15 @@ def _minus(x: float, y: float) -> float:
 
 
 def summarise(
-    runs: dict[str, list[dict[str, Any]]], rate_key: str, latency_keys: tuple[str, ...]
+    runs: dict[str, list[dict[str, Any]]],
+    rate_key: str,
+    latency_keys: tuple[str, ...],
+    other_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Per target: medians over rounds; then ratios of ``rate_key`` and added latencies."""
+    keys = (rate_key, *latency_keys, *other_keys)
     out: dict[str, Any] = {
-        name: {key: median([r.get(key) for r in rounds]) for key in (rate_key, *latency_keys)}
+        name: {key: median([r.get(key) for r in rounds]) for key in keys}
         | {"errors": sum(r.get("errors", 0) for r in rounds), "rounds": rounds}
         for name, rounds in runs.items()
     }
@@ -177,6 +181,18 @@ def render(result: dict[str, Any]) -> str:
             f"  added TTFT by {name}: p50 {_fmt(values['ttft_p50_ms'])} ms, p99 "
             f"{_fmt(values['ttft_p99_ms'])} ms"
         )
+    light = result.get("streaming_light")
+    if light is not None:
+        lines += [
+            "",
+            *_table(
+                "streaming at concurrency 1 (nothing saturated: the latency the proxy adds)",
+                light,
+                [("TTFT p50 (ms)", "ttft_p50_ms", 2), ("TTFT p99 (ms)", "ttft_p99_ms", 2)],
+            ),
+        ]
+        for name, values in light["added_ms"].items():
+            lines.append(f"  added TTFT p50 by {name}: {_fmt(values['ttft_p50_ms'])} ms")
     for path, block in result["small"].items():
         lines += [
             "",
@@ -188,6 +204,7 @@ def render(result: dict[str, Any]) -> str:
                     ("requests/s", "requests_per_s", 0),
                     ("latency p50 (ms)", "latency_p50_ms", 3),
                     ("latency p99 (ms)", "latency_p99_ms", 3),
+                    ("CPU us per request", "cpu_us_per_request", 0),
                 ],
             ),
         ]
