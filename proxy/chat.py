@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.dialects import error_message
 from proxy.errors import InvalidRequestError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
@@ -106,11 +107,7 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
 
 async def _upstream_error(exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:
     raw = await upstream.read()
-    try:
-        error = json.loads(raw).get("error")
-        message = str(error.get("message") if isinstance(error, dict) else error)
-    except (ValueError, AttributeError):
-        message = raw.decode(errors="replace")[:500] or upstream.reason or "upstream error"
+    message = error_message(raw.decode(errors="replace"), upstream.reason or "upstream error")
     exchange.status = upstream.status
     exchange.fail("UpstreamStatus", f"the upstream answered {upstream.status}: {message}")
     return web.Response(

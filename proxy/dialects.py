@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 JSON_CONTENT_TYPE = "application/json"
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
@@ -61,6 +62,19 @@ OLLAMA = Dialect("ollama", openai_errors=False, sse=False)
 OPENAI = Dialect("openai", openai_errors=True, sse=True)
 # The gateway's own /chat: OpenAI-shaped errors, NDJSON streams.
 CHAT = Dialect("chat", openai_errors=True, sse=False)
+
+
+def error_message(body: str, fallback: str) -> str:
+    """The message of an error body in either dialect: Ollama's ``{"error": "..."}`` or
+    OpenAI's ``{"error": {"message": ...}}``; else the body's start, else ``fallback``."""
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        return body.strip()[:300] or fallback
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error) if error else body.strip()[:300] or fallback
 
 
 def dialect_for(path: str) -> Dialect:

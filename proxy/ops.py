@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from proxy.dialects import error_message
 from proxy.progress import PullProgress
 from proxy.stack import DEFAULT_PROJECT, run_status
 
@@ -42,18 +43,6 @@ def _timeout() -> aiohttp.ClientTimeout:
 
 def _headers(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def error_message(body: str, fallback: str) -> str:
-    """The message of an error body: Ollama's ``{"error": "..."}``, or OpenAI's nested shape."""
-    try:
-        parsed: Any = json.loads(body)
-    except ValueError:
-        return body.strip()[:300] or fallback
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, dict):
-        error = error.get("message")
-    return str(error) if error else body.strip()[:300] or fallback
 
 
 async def _report_refusal(

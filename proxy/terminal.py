@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from proxy.config import UpstreamConfig
-from proxy.ops import error_message
+from proxy.dialects import error_message
 from proxy.streams import iter_frames
 
 DEFAULT_URL = "http://localhost:8000"

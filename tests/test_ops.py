@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from loadtest.fake_ollama import FakeOllama
 from proxy import ops
 from proxy.__main__ import main
+from proxy.dialects import error_message
 from proxy.progress import PullProgress, format_bytes, format_rate, progress_line, render_bar
 from proxy.stack import (
     OLLAMA_MEMORY_ADVICE,
@@ -500,17 +501,12 @@ async def test_pull_cut_off_mid_stream_fails(scripted_pull: Any, console: Consol
 
 def test_error_messages_are_read_from_either_dialect() -> None:
     """Ollama's flat error, OpenAI's nested one, and a non-JSON body all yield a message."""
-    assert (
-        ops.error_message('{"error": "model \'x\' not found"}', "Not Found")
-        == "model 'x' not found"
-    )
+    assert error_message('{"error": "model \'x\' not found"}', "Not Found") == "model 'x' not found"
     nested = '{"error": {"message": "queue full", "type": "queue_full", "code": null}}'
-    assert ops.error_message(nested, "Service Unavailable") == "queue full"
-    assert (
-        ops.error_message("<html>Bad Gateway</html>\n", "Bad Gateway") == "<html>Bad Gateway</html>"
-    )
-    assert ops.error_message("", "Bad Gateway") == "Bad Gateway"
-    assert ops.error_message("[1, 2]", "Teapot") == "[1, 2]"
+    assert error_message(nested, "Service Unavailable") == "queue full"
+    assert error_message("<html>Bad Gateway</html>\n", "Bad Gateway") == "<html>Bad Gateway</html>"
+    assert error_message("", "Bad Gateway") == "Bad Gateway"
+    assert error_message("[1, 2]", "Teapot") == "[1, 2]"
 
 
 def test_pull_and_warmup_report_an_unreachable_gateway(capsys: pytest.CaptureFixture[str]) -> None:
