@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
+from proxy.client import UpstreamError, UpstreamResponse
 from proxy.dialects import error_message
 from proxy.errors import InvalidRequestError
 from proxy.exchange import EXCHANGE, Exchange
@@ -105,7 +105,7 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
         return await _answer(exchange, upstream)
 
 
-async def _upstream_error(exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:
+async def _upstream_error(exchange: Exchange, upstream: UpstreamResponse) -> web.Response:
     raw = await upstream.read()
     message = error_message(raw.decode(errors="replace"), upstream.reason or "upstream error")
     exchange.status = upstream.status
@@ -140,7 +140,7 @@ def _stats(exchange: Exchange, usage: Usage, obj: dict[str, Any]) -> dict[str, A
     }
 
 
-async def _answer(exchange: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:
+async def _answer(exchange: Exchange, upstream: UpstreamResponse) -> web.Response:
     obj = json.loads(await upstream.read())
     if "choices" in obj:
         choice = (obj.get("choices") or [{}])[0]
@@ -208,7 +208,7 @@ class _Progress:
 
 
 async def _stream(
-    request: web.Request, gateway: Gateway, exchange: Exchange, upstream: aiohttp.ClientResponse
+    request: web.Request, gateway: Gateway, exchange: Exchange, upstream: UpstreamResponse
 ) -> web.StreamResponse:
     progress = _Progress(openai=gateway.config.upstream.kind != "ollama")
     response = web.StreamResponse(
@@ -220,7 +220,7 @@ async def _stream(
     await response.prepare(request)
     exchange.first_byte_at = time.monotonic()
     try:
-        async for frame in iter_frames(upstream.content, sse=progress.openai):
+        async for frame in iter_frames(upstream, sse=progress.openai):
             text = progress.digest(frame)
             if progress.error is not None:
                 return await _fail(response, exchange, f"the upstream failed: {progress.error}")
@@ -230,7 +230,7 @@ async def _stream(
                 await _write(response, exchange, {"response": text, "done": False})
             if progress.finished:
                 break
-    except (TimeoutError, aiohttp.ClientError) as exc:
+    except (TimeoutError, UpstreamError) as exc:
         message = f"the upstream stream failed ({type(exc).__name__})"
         return await _fail(response, exchange, message)
     if not progress.finished:

@@ -12,10 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import structlog
 
+from proxy.client import UpstreamError
 from proxy.config import Config
+from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.policy import with_tag
 from proxy.upstream import Upstream
@@ -82,20 +83,21 @@ class UpstreamWatch:
                     snap.models = [m["id"] for m in listed.get("data") or () if "id" in m]
         except TimeoutError:
             snap.error = f"no answer within {timeout_s:g} s"
-        except (aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as exc:
-            snap.error = _describe(exc)
+        except (ProxyError, UpstreamError, ValueError, KeyError, TypeError) as exc:
+            snap.error = str(exc) or type(exc).__name__
         return snap
 
     async def _get(self, path: str) -> dict[str, Any]:
-        async with self._upstream.session.get(
-            self._upstream.url(path), headers=self._auth_headers()
-        ) as response:
+        response = await self._upstream.get(path, self._auth_headers())
+        try:
             if response.status != 200:
                 raise ValueError(f"GET {path} answered {response.status}")
             obj = json.loads(await response.read())
-            if not isinstance(obj, dict):
-                raise TypeError(f"GET {path} did not answer a JSON object")
-            return obj
+        finally:
+            response.release()
+        if not isinstance(obj, dict):
+            raise TypeError(f"GET {path} did not answer a JSON object")
+        return obj
 
     def _auth_headers(self) -> dict[str, str]:
         key = self._config.upstream.api_key
@@ -160,9 +162,3 @@ class UpstreamWatch:
             body["reason"] = f"model {model!r} is not installed upstream (try: just pull)"
             return False, body
         return True, body
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror})"
-    return str(exc) or type(exc).__name__

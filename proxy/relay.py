@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 
-import aiohttp
 import structlog
 from aiohttp import web
 
+from proxy.client import UpstreamError, UpstreamResponse
 from proxy.dialects import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from proxy.exchange import Exchange
 from proxy.streams import JsonScanner, NdjsonScanner, Scanner, SseScanner
@@ -47,7 +47,7 @@ def is_stream(content_type: str) -> bool:
 
 async def relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     exchange: Exchange,
     *,
     idle_timeout_s: float,
@@ -122,7 +122,7 @@ Failure = tuple[str, str]  # (error type, message)
 
 
 async def _copy(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     response: web.StreamResponse,
     scanner: Scanner,
     exchange: Exchange,
@@ -137,10 +137,9 @@ async def _copy(
     chunk, a stream's last frames once it said it is done) is held back to leave with the
     end of the response in one write; returned as the second item.
     """
-    content = upstream.content
     held = b""
     while True:
-        chunk = await _read(content, idle_timeout_s)
+        chunk = await _read(upstream, idle_timeout_s)
         if isinstance(chunk, tuple):
             if scanner.complete:
                 break  # the upstream had said all it had to: only its framing broke
@@ -167,14 +166,14 @@ async def _copy(
     return None, held + tail
 
 
-async def _read(content: aiohttp.StreamReader, idle_timeout_s: float) -> bytes | Failure:
+async def _read(upstream: UpstreamResponse, idle_timeout_s: float) -> bytes | Failure:
     """Whatever the upstream has sent so far (b"" at EOF), or why it failed."""
     try:
-        return await content.readany()
+        return await upstream.readany()
     except TimeoutError:
         return "TimeoutError", f"the upstream sent nothing for {idle_timeout_s:g} s"
-    except aiohttp.ClientError as exc:
-        return "StreamInterrupted", f"the upstream connection failed ({type(exc).__name__})"
+    except UpstreamError as exc:
+        return "StreamInterrupted", f"the upstream connection failed: {exc}"
 
 
 def _record_usage(scanner: Scanner, exchange: Exchange, *, streamed: bool) -> None:

@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from aiohttp.streams import StreamReader
 
 from proxy.access import Principal
+from proxy.client import Body, UpstreamResponse
 from proxy.errors import RateLimitedError, UnsupportedByBackendError, UpstreamTimeoutError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
@@ -91,9 +90,9 @@ async def relay_route(request: web.Request) -> web.StreamResponse:
         gateway.access.require_admin(principal)
     if spec.kind == INFERENCE:
         return await infer(request, gateway, exchange, principal, spec)
-    body: bytes | StreamReader | None = None
+    body: Body = None
     if spec.streams_body:
-        body = request.content
+        body = request.content.iter_any()
     elif request.can_read_body:
         body = await read_body(request, gateway.config.server.max_body_bytes)
     return await forward(request, gateway, exchange, body)
@@ -176,7 +175,7 @@ async def forward(
     request: web.Request,
     gateway: Gateway,
     exchange: Exchange,
-    body: bytes | StreamReader | None,
+    body: Body,
     *,
     strip_usage: bool = False,
     inference: bool = False,
@@ -218,10 +217,10 @@ async def upstream_response(
     *,
     method: str,
     path: str,
-    body: bytes | StreamReader | None,
+    body: Body,
     is_json: bool = False,
     deadline: float | None = None,
-) -> AsyncIterator[aiohttp.ClientResponse]:
+) -> AsyncIterator[UpstreamResponse]:
     """The upstream's response (headers received), released or closed when done with.
 
     The client's headers go along, filtered; a finished body keeps its connection for the
@@ -249,10 +248,7 @@ async def upstream_response(
     try:
         yield upstream
     finally:
-        if upstream.content.is_eof():
-            upstream.release()
-        else:
-            upstream.close()
+        upstream.release()  # back to the pool if complete, else closed
 
 
 def _loop_deadline(deadline: float | None) -> float | None:

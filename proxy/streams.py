@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import aiohttp
 import orjson
 
 # A final Ollama line with a large ``context`` array can be hundreds of KB; Ollama's own Go
@@ -285,7 +284,13 @@ class SseScanner(Scanner):
         return rest
 
 
-async def iter_frames(content: aiohttp.StreamReader, *, sse: bool) -> AsyncIterator[bytes]:
+class Readable(Protocol):
+    """A body read as it arrives: aiohttp's ``StreamReader``, the upstream's response."""
+
+    async def readany(self) -> bytes: ...
+
+
+async def iter_frames(content: Readable, *, sse: bool) -> AsyncIterator[bytes]:
     """Parse a body the way a client does: its NDJSON lines, or the ``data:`` payload of each
     SSE event (``\n\n`` or sse-starlette's ``\r\n\r\n`` between events), whatever the chunking.
     """

@@ -1,8 +1,8 @@
-"""The one client session to the upstream, and opening a request on it.
+"""The one connection pool to the upstream, and opening a request on it.
 
 Opening means: send the request, wait for the response headers, retry only where it is
 safe (the connection failed, so the upstream never saw the request; or it answered 503
-"server busy" before any byte went to the client), and map client exceptions to the
+"server busy" before any byte went to the client), and map the client's exceptions to the
 gateway's error types by their type, never their text.
 """
 
@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Mapping
+import ssl
+from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 import structlog
-from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.client import (
+    Body,
+    ConnectFailed,
+    Pool,
+    UpstreamError,
+    UpstreamResponse,
+    header_block,
+)
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamConnectError, UpstreamTimeoutError
 
@@ -49,6 +56,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "content-length",
     "accept-encoding",
     "cookie",
+    "expect",  # the gateway read the body already; a 100 Continue would confuse the relay
 }
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
 
@@ -92,91 +100,89 @@ class Attempts:
 
 
 class Upstream:
-    """Owns the ``ClientSession`` to the upstream server."""
+    """Owns the connection pool to the upstream server."""
 
     def __init__(self, config: UpstreamConfig, on_retry: Callable[[], None]) -> None:
         self.config = config
         self.base = URL(config.url.rstrip("/"))
+        self._prefix = self.base.raw_path.rstrip("/")  # an upstream mounted under a path
         self._on_retry = on_retry
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("upstream session used outside the app's lifetime")
-        return self._session
+    def pool(self) -> Pool:
+        if self._pool is None:
+            raise RuntimeError("upstream pool used outside the app's lifetime")
+        return self._pool
 
     async def start(self) -> None:
-        cfg = self.config
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.headers_timeout_s
-            ),
-            auto_decompress=False,
-            # Large header fields from some servers; bodies are read with readany(), which
-            # has no line limit, so Ollama's big final line needs nothing here.
-            max_line_size=64 * 1024,
-            max_field_size=64 * 1024,
-            read_bufsize=256 * 1024,
-            skip_auto_headers=("User-Agent", "Content-Type"),
-            # Cookies are the client's business, not the gateway's: no jar to keep or consult.
-            cookie_jar=aiohttp.DummyCookieJar(),
+        base = self.base
+        assert base.host is not None  # the config checked the URL
+        self._pool = Pool(
+            base.host,
+            base.port or (443 if base.scheme == "https" else 80),
+            tls=ssl.create_default_context() if base.scheme == "https" else None,
+            connect_timeout_s=self.config.connect_timeout_s,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
-    def url(self, path: str) -> URL:
-        return URL(str(self.base) + path, encoded=True)
+    async def get(self, path: str, headers: Mapping[str, str]) -> UpstreamResponse:
+        """One GET, no retries: the health probe's."""
+        try:
+            return await self.pool.request(
+                "GET", self._prefix + path, header_block(headers), None,
+                headers_timeout_s=self.config.headers_timeout_s,
+            )  # fmt: skip
+        except ConnectFailed as exc:
+            raise UpstreamConnectError(f"cannot connect ({exc})") from exc
 
     async def open(
         self,
         method: str,
         path: str,
         headers: Mapping[str, str],
-        body: bytes | StreamReader | None,
+        body: Body,
         attempts: Attempts,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request and return the response once its headers arrived."""
         cfg = self.config
-        url = self.url(path)
+        target = self._prefix + path
+        head = header_block(headers)
         # A streamed body (a model blob) can be sent once only.
-        tries = 1 if isinstance(body, StreamReader) else cfg.max_retries + 1
+        tries = 1 if isinstance(body, AsyncIterable) else cfg.max_retries + 1
         for attempt in range(tries):
             last = attempt == tries - 1
             try:
-                response = await self.session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False
+                response = await self.pool.request(
+                    method, target, head, body, headers_timeout_s=cfg.headers_timeout_s
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            except ConnectFailed as exc:
                 # Connect failed: the upstream never saw this request, so retrying is safe.
                 if last:
-                    reason = (
-                        exc.os_error.strerror
-                        if isinstance(exc, aiohttp.ClientConnectorError)
-                        else f"no connection within {cfg.connect_timeout_s:g} s"
-                    )
                     log.warning("upstream_connect_failed", url=str(self.base), attempts=attempt + 1)
                     raise UpstreamConnectError(
-                        f"cannot connect to the upstream at {self.base}: {reason}"
+                        f"cannot connect to the upstream at {self.base}: {exc}"
                     ) from exc
             except TimeoutError as exc:
                 log.warning("upstream_headers_timed_out", timeout_s=cfg.headers_timeout_s)
                 raise UpstreamTimeoutError(
                     f"the upstream sent no response headers within {cfg.headers_timeout_s:g} s"
                 ) from exc
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 # The request may have reached the upstream: never retried.
                 log.warning("upstream_request_failed", error=type(exc).__name__)
                 raise UpstreamConnectError(
-                    f"the upstream closed the connection before answering ({type(exc).__name__})"
+                    f"the upstream closed the connection before answering ({exc})"
                 ) from exc
             else:
                 if response.status != 503 or last:
-                    self._set_idle_timeout(response)
+                    # The wait for headers allowed headers_timeout_s (a cold model load can
+                    # take minutes); from here on the limit is the gap between two chunks.
+                    response.set_timeout(cfg.idle_timeout_s)
                     return response
                 response.close()  # Ollama's "server busy": refused before any work began
             attempts.retries += 1
@@ -189,12 +195,3 @@ class Upstream:
         cfg = self.config
         delay = min(cfg.retry_max_delay_s, cfg.retry_delay_s * 2.0**attempt)
         return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not crypto
-
-    def _set_idle_timeout(self, response: aiohttp.ClientResponse) -> None:
-        # The session's sock_read covered the wait for headers (a cold model load can take
-        # minutes); from here on the limit is the gap between two chunks.
-        connection = response.connection
-        if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = self.config.idle_timeout_s
-            # The first chunks may have come in with the headers; restart the clock now.
-            connection.protocol.start_timeout()

@@ -1,0 +1,324 @@
+"""The upstream client against scripted raw-socket servers: what a real HTTP/1.1 server can
+do to it (close idle connections, delimit a body by closing, stall, break framing)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from proxy.client import (
+    ConnectFailed,
+    Pool,
+    UpstreamConnection,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamResponse,
+    header_block,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Scripted:
+    """A TCP server running ``script`` for each connection; counts connections."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            await self.script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+
+Serve = Callable[[Script], Awaitable["Scripted"]]
+PoolFor = Callable[[int], Pool]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Script], Awaitable[Scripted]]]:
+    started: list[Scripted] = []
+
+    async def start(script: Script) -> Scripted:
+        scripted = Scripted(script)
+        scripted.server = await asyncio.start_server(scripted._serve, "127.0.0.1", 0)
+        started.append(scripted)
+        return scripted
+
+    yield start
+    for scripted in started:
+        assert scripted.server is not None
+        for writer in scripted.writers:
+            writer.close()
+        scripted.server.close()
+
+
+@pytest.fixture
+async def pool_for() -> AsyncIterator[Callable[[int], Pool]]:
+    pools: list[Pool] = []
+
+    def make(port: int) -> Pool:
+        pool = Pool("127.0.0.1", port, tls=None, connect_timeout_s=2)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+async def read_head(reader: asyncio.StreamReader) -> list[bytes]:
+    return (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[:-2]
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def get(pool: Pool, path: str = "/", method: str = "GET") -> tuple[int, bytes]:
+    response = await pool.request(method, path, b"", None, headers_timeout_s=5)
+    body = await response.read()
+    response.release()
+    return response.status, body
+
+
+async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        head = await read_head(reader)
+        writer.write(ok(head[0]))
+
+
+async def test_requests_reuse_one_keep_alive_connection(serve: Serve, pool_for: PoolFor) -> None:
+    server = await serve(keep_answering)
+    pool = pool_for(server.port)
+    for path in ("/a", "/b", "/c"):
+        assert await get(pool, path) == (200, f"GET {path} HTTP/1.1".encode())
+    assert server.connections == 1
+
+
+async def test_request_line_host_and_framing(serve: Serve, pool_for: PoolFor) -> None:
+    seen: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        sizes = [int(line.split(b":")[1]) for line in head if line.startswith(b"Content-Length")]
+        length = sizes[0]
+        seen.extend([*head, await reader.readexactly(length)])
+        writer.write(ok(b"{}"))
+
+    server = await serve(script)
+    pool = pool_for(server.port)
+    head = header_block({"Content-Type": "application/json", "X-Request-ID": "abc"})
+    response = await pool.request("POST", "/api/chat?x=1", head, b'{"a":1}', headers_timeout_s=5)
+    assert await response.read() == b"{}"
+    assert seen == [
+        b"POST /api/chat?x=1 HTTP/1.1",
+        f"Host: 127.0.0.1:{server.port}".encode(),
+        b"Content-Type: application/json",
+        b"X-Request-ID: abc",
+        b"Content-Length: 7",
+        b'{"a":1}',
+    ]
+
+
+def test_a_line_break_in_a_header_value_is_refused() -> None:
+    with pytest.raises(ValueError, match="X-Evil"):
+        header_block({"X-Evil": "a\r\nInjected: yes"})
+
+
+async def test_a_connection_closed_while_idle_is_replaced_without_an_error(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(ok(b"once"))
+        await writer.drain()
+        # Then close while the client holds the connection idle: the keep-alive race.
+
+    server = await serve(answer_once)
+    pool = pool_for(server.port)
+    assert await get(pool) == (200, b"once")
+    assert await get(pool) == (200, b"once")
+    assert server.connections == 2
+
+
+async def test_a_connection_lost_after_the_request_went_out_is_an_error(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)  # a fresh connection: the request was seen, then dropped
+
+    pool = pool_for((await serve(hang_up)).port)
+    with pytest.raises(UpstreamDisconnected):
+        await get(pool)
+
+
+async def test_head_ends_at_the_headers_and_keeps_the_connection(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")  # no body: HEAD
+        await keep_answering(reader, writer)
+
+    server = await serve(script)
+    pool = pool_for(server.port)
+    assert await get(pool, "/blob", method="HEAD") == (200, b"")
+    assert await get(pool, "/next") == (200, b"GET /next HTTP/1.1")
+    assert server.connections == 1
+
+
+async def test_a_body_delimited_by_the_connection_end(serve: Serve, pool_for: PoolFor) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+
+    pool = pool_for((await serve(script)).port)
+    assert await get(pool) == (200, b"all of it")
+
+
+async def test_a_cut_chunked_body_fails_the_read(serve: Serve, pool_for: PoolFor) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+
+    pool = pool_for((await serve(script)).port)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    assert await response.readany() == b"hello"
+    with pytest.raises(UpstreamDisconnected):
+        await response.readany()
+    response.release()
+
+
+async def test_broken_framing_is_an_upstream_error(serve: Serve, pool_for: PoolFor) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        await reader.read()
+
+    pool = pool_for((await serve(script)).port)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    with pytest.raises(UpstreamError, match="framing"):
+        await response.read()
+
+
+async def test_silence_after_the_headers_times_out(serve: Serve, pool_for: PoolFor) -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        await reader.read()  # until the client gives up
+
+    server = await serve(stall)
+    pool = pool_for(server.port)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    response.set_timeout(0.2)
+    assert await response.readany() == b"hi"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError, match=r"nothing for 0\.2 s"):
+        await response.readany()
+    assert 0.15 < loop.time() - started < 2
+
+
+async def test_no_headers_in_time_is_a_timeout(serve: Serve, pool_for: PoolFor) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    pool = pool_for((await serve(silent)).port)
+    with pytest.raises(TimeoutError):
+        await pool.request("GET", "/", b"", None, headers_timeout_s=0.2)
+
+
+class StubTransport:
+    def __init__(self) -> None:
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_reading_pauses_while_unread_body_piles_up() -> None:
+    pool = Pool("127.0.0.1", 9, tls=None, connect_timeout_s=1)
+    connection = UpstreamConnection(pool)
+    transport = StubTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    response = UpstreamResponse(connection, head_only=False)
+    connection.response = response
+    part = b"x" * (200 * 1024)
+    connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (3 * len(part)))
+    connection.data_received(part)
+    assert transport.reading  # under the high-water mark
+    connection.data_received(part)
+    assert not transport.reading  # 400 KB unread: the socket waits
+    assert await response.readany() == part * 2
+    assert transport.reading  # read: the socket reads again
+    connection.data_received(part)
+    assert await response.read() == part
+    assert response.complete
+
+
+async def test_a_streamed_request_body_is_sent_chunked(serve: Serve, pool_for: PoolFor) -> None:
+    received: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        assert b"Transfer-Encoding: chunked" in head
+        received.append(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(ok(b"stored"))
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in (b"abc", b"", b"defgh"):
+            yield part
+
+    pool = pool_for((await serve(script)).port)
+    response = await pool.request("POST", "/blob", b"", body(), headers_timeout_s=5)
+    assert await response.read() == b"stored"
+    assert received == [b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n"]
+
+
+async def test_nothing_listening_is_a_connect_failure(pool_for: PoolFor) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        pool = pool_for(port)
+        with pytest.raises(ConnectFailed, match="Connection refused"):
+            await get(pool)
+
+
+async def test_closing_the_pool_ends_a_response_in_flight(serve: Serve, pool_for: PoolFor) -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await reader.read()
+
+    pool = pool_for((await serve(stall)).port)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    reading = asyncio.create_task(response.readany())
+    pool.close()
+    with pytest.raises(UpstreamDisconnected):
+        await reading
