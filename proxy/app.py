@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import time
@@ -27,6 +28,7 @@ from proxy.dialects import dialect_for
 from proxy.errors import ProxyError, RateLimitedError, RouteNotFoundError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
+from proxy.log import request_finished
 from proxy.metrics import Metrics
 from proxy.routes import INFERENCE, ROUTES, relay_route
 
@@ -152,28 +154,27 @@ def finish(gateway: Gateway, ex: Exchange, outcome: str) -> None:
     elif outcome == "cancelled":
         phase = "streaming" if ex.phase in {"upstream", "streaming"} else "queued"
         m.count(m.disconnects, {"phase": phase})
-    log.log(
-        30 if outcome == "error" else 20,
-        "request_finished",
-        method=ex.method,
-        endpoint=ex.endpoint,
-        model=ex.model,
-        client=ex.client,
-        status=ex.status,
-        outcome=outcome,
-        error_type=ex.error_type,
-        error=ex.error,
-        duration_s=round(duration_s, 6),
-        queue_wait_s=_round(ex.queue_wait_s),
-        ttfb_s=_round(ex.first_byte_at - ex.started if ex.first_byte_at else None),
-        ttft_s=_round(ttft_s),
-        prompt_tokens=ex.prompt_tokens,
-        completion_tokens=ex.completion_tokens,
-        tokens_per_second=_round(ex.tokens_per_second),
-        load_duration_s=_round(ex.load_duration_s),
-        bytes_out=ex.bytes_out,
-        retries=ex.retries,
-    )
+    fields = {
+        "method": ex.method,
+        "endpoint": ex.endpoint,
+        "model": ex.model,
+        "client": ex.client,
+        "status": ex.status,
+        "outcome": outcome,
+        "error_type": ex.error_type,
+        "error": ex.error,
+        "duration_s": round(duration_s, 6),
+        "queue_wait_s": _round(ex.queue_wait_s),
+        "ttfb_s": _round(ex.first_byte_at - ex.started if ex.first_byte_at else None),
+        "ttft_s": _round(ttft_s),
+        "prompt_tokens": ex.prompt_tokens,
+        "completion_tokens": ex.completion_tokens,
+        "tokens_per_second": _round(ex.tokens_per_second),
+        "load_duration_s": _round(ex.load_duration_s),
+        "bytes_out": ex.bytes_out,
+        "retries": ex.retries,
+    }
+    request_finished(logging.WARNING if outcome == "error" else logging.INFO, ex.request_id, fields)
 
 
 def _round(value: float | None) -> float | None:
