@@ -207,7 +207,11 @@ async def health_upstream(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    body, headers = render(gateway.metrics.registry, request.headers.getall("Accept", []))
+    m = gateway.metrics
+    # The gate's state as of this scrape: read here, not written on every request.
+    m.set(m.active, {}, gateway.gate.active)
+    m.set(m.queued, {}, gateway.gate.queued)
+    body, headers = render(m.registry, request.headers.getall("Accept", []))
     return web.Response(body=body, headers={**headers, **request[EXCHANGE].headers})
 
 

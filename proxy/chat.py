@@ -22,7 +22,7 @@ from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
 from proxy.policy import field as body_field
 from proxy.policy import parse_object, read_body
-from proxy.routes import admit, gated, upstream_response
+from proxy.routes import Gated, admit, open_upstream
 from proxy.streams import Usage, iter_frames, usage_from_native, usage_from_openai
 
 _OPENAI_OPTIONS = {
@@ -86,23 +86,17 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
         gateway, model=model, prompt=prompt, system=system, stream=stream, options=options
     )
     estimate = len(prompt) // 4 + gateway.config.limits.default_max_tokens
-    async with (
-        gated(gateway, exchange, principal, estimate),
-        upstream_response(
-            request,
-            gateway,
-            exchange,
-            method="POST",
-            path=path,
-            body=json.dumps(body).encode(),
-            is_json=True,
-        ) as upstream,
-    ):
-        if upstream.status != 200:
-            return await _upstream_error(exchange, upstream)
-        if stream:
-            return await _stream(request, gateway, exchange, upstream)
-        return await _answer(exchange, upstream)
+    async with Gated(gateway, exchange, principal, estimate):
+        upstream = await open_upstream(
+            request, gateway, exchange, method="POST", path=path,
+            body=json.dumps(body).encode(), is_json=True,
+        )  # fmt: skip
+        with upstream:
+            if upstream.status != 200:
+                return await _upstream_error(exchange, upstream)
+            if stream:
+                return await _stream(request, gateway, exchange, upstream)
+            return await _answer(exchange, upstream)
 
 
 async def _upstream_error(exchange: Exchange, upstream: UpstreamResponse) -> web.Response:

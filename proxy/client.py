@@ -212,6 +212,12 @@ class UpstreamResponse:
             self._last_data = loop.time()
             self._timer = loop.call_at(self._last_data + seconds, self._check_idle)
 
+    def __enter__(self) -> UpstreamResponse:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
     def release(self) -> None:
         """Done with it: a complete response's connection goes back to the pool."""
         self._stop_timer()

@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 from proxy.errors import QueueFullError, QueueTimeoutError
 
@@ -112,11 +111,17 @@ class Gate:
 
     # -- async face -------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def slot(self, client: str) -> AsyncIterator[float]:
-        """Hold a slot for the body of the ``async with``; yields the seconds spent queued."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+    def slot(self, client: str) -> Slot:
+        """Hold a slot for the body of ``async with``, which gets the seconds spent queued."""
+        return Slot(self, client)
+
+    async def acquire(self, client: str) -> float:
+        """Take a slot, queueing if need be; the seconds spent queued. ``release`` it."""
+        if self.active < self.slots and self.queued == 0:
+            self.active += 1  # the common case, without a future: try_enter's first branch
+            self.on_change()
+            return 0.0
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queued_at = self._clock()
         if not self.try_enter(client, waiter):
             try:
@@ -131,11 +136,7 @@ class Gate:
             except asyncio.CancelledError:
                 self._give_up(client, waiter)
                 raise
-        started = self._clock()
-        try:
-            yield started - queued_at
-        finally:
-            self.release(self._clock() - started)
+        return self._clock() - queued_at
 
     def _give_up(self, client: str, waiter: asyncio.Future[None]) -> None:
         if waiter.done() and not waiter.cancelled():
@@ -144,3 +145,23 @@ class Gate:
         else:
             waiter.cancel()
             self.leave(client, waiter)
+
+
+class Slot:
+    """``async with gate.slot(client) as waited_s``: a class, not a generator, because it
+    is entered on every inference request."""
+
+    __slots__ = ("_client", "_gate", "_started")
+
+    def __init__(self, gate: Gate, client: str) -> None:
+        self._gate = gate
+        self._client = client
+        self._started = 0.0
+
+    async def __aenter__(self) -> float:
+        waited_s = await self._gate.acquire(self._client)
+        self._started = self._gate._clock()
+        return waited_s
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._gate.release(self._gate._clock() - self._started)

@@ -46,12 +46,6 @@ class Gateway:
             queue_timeout_s=limits.queue_timeout_s,
             clock=clock,
         )
-
-        def publish_gate() -> None:
-            metrics.set(metrics.active, {}, gate.active)
-            metrics.set(metrics.queued, {}, gate.queued)
-
-        gate.on_change = publish_gate
         metrics.slots.set({}, limits.parallel)
         metrics.queue_capacity.set({}, limits.max_queue)
         return cls(

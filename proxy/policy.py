@@ -35,7 +35,8 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         raise BodyTooLargeError(f"request body over the {max_bytes}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
+    content = request.content
+    while chunk := await content.readany():
         size += len(chunk)
         if size > max_bytes:
             raise BodyTooLargeError(f"request body over the {max_bytes}-byte limit")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -126,24 +124,46 @@ def reserve_tokens(
         )
 
 
-@asynccontextmanager
-async def gated(
-    gateway: Gateway, exchange: Exchange, principal: Principal, token_estimate: int
-) -> AsyncIterator[None]:
-    """Reserve the client's LLM tokens, hold a gate slot for the body, settle the tokens."""
-    reserve_tokens(gateway, exchange, principal, token_estimate)
-    try:
+class Gated:
+    """``async with Gated(...)``: reserve the client's LLM tokens, hold a gate slot for the
+    body, settle the tokens. (A class: generator-based context managers cost more, and
+    this one is entered on every inference request.)"""
+
+    __slots__ = ("_exchange", "_gateway", "_principal", "_slot", "_token_estimate")
+
+    def __init__(
+        self, gateway: Gateway, exchange: Exchange, principal: Principal, token_estimate: int
+    ) -> None:
+        self._gateway = gateway
+        self._exchange = exchange
+        self._principal = principal
+        self._token_estimate = token_estimate
+        self._slot = gateway.gate.slot(principal.bucket)
+
+    async def __aenter__(self) -> None:
+        exchange = self._exchange
+        reserve_tokens(self._gateway, exchange, self._principal, self._token_estimate)
         exchange.phase = "queued"
-        async with gateway.gate.slot(principal.bucket) as waited_s:
-            exchange.queue_wait_s = waited_s
-            exchange.phase = "upstream"
-            yield
-    finally:
+        try:
+            exchange.queue_wait_s = await self._slot.__aenter__()
+        except BaseException:
+            self._settle()
+            raise
+        exchange.phase = "upstream"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._slot.__aexit__(*exc_info)
+        self._settle()
+
+    def _settle(self) -> None:
         # Settled only with real statistics: a request that ended without them (aborted,
         # cut, refused upstream) keeps its reservation, so aborting a stream earns no refund.
+        principal, exchange = self._principal, self._exchange
         if principal.limit.tokens_per_minute > 0 and exchange.completion_tokens is not None:
             actual = (exchange.prompt_tokens or 0) + exchange.completion_tokens
-            gateway.limiter.settle_tokens(principal.bucket, principal.limit, token_estimate, actual)
+            self._gateway.limiter.settle_tokens(
+                principal.bucket, principal.limit, self._token_estimate, actual
+            )
 
 
 async def infer(
@@ -159,7 +179,7 @@ async def infer(
     exchange.model = prepared.model
     if prepared.clamped_num_ctx is not None:
         exchange.headers["X-Context-Length-Clamped"] = str(prepared.clamped_num_ctx)
-    async with gated(gateway, exchange, principal, prepared.token_estimate):
+    async with Gated(gateway, exchange, principal, prepared.token_estimate):
         return await forward(
             request,
             gateway,
@@ -184,7 +204,7 @@ async def forward(
     """Open the upstream request and relay its response."""
     cfg = gateway.config.upstream
     deadline = time.monotonic() + cfg.total_timeout_s if cfg.total_timeout_s else None
-    async with upstream_response(
+    with await open_upstream(
         request,
         gateway,
         exchange,
@@ -209,8 +229,7 @@ async def forward(
         )
 
 
-@asynccontextmanager
-async def upstream_response(
+async def open_upstream(
     request: web.Request,
     gateway: Gateway,
     exchange: Exchange,
@@ -220,8 +239,8 @@ async def upstream_response(
     body: Body,
     is_json: bool = False,
     deadline: float | None = None,
-) -> AsyncIterator[UpstreamResponse]:
-    """The upstream's response (headers received), released or closed when done with.
+) -> UpstreamResponse:
+    """The upstream's response (headers received); use it as ``with`` to release it.
 
     The client's headers go along, filtered; a finished body keeps its connection for the
     next request, while an unfinished one (the client left, the stream broke) closes it
@@ -236,24 +255,21 @@ async def upstream_response(
         # which Ollama ignores but OpenAI-compatible servers may not).
         headers["Content-Type"] = "application/json"
     attempts = Attempts()
+    opening = gateway.upstream.open(method, path, headers, body, attempts)
     try:
+        if deadline is None:
+            return await opening
         async with asyncio.timeout_at(_loop_deadline(deadline)):
-            upstream = await gateway.upstream.open(method, path, headers, body, attempts)
+            return await opening
     except TimeoutError:
         raise UpstreamTimeoutError(
             f"the upstream did not answer within the total timeout of {cfg.total_timeout_s:g} s"
         ) from None
     finally:
         exchange.retries = attempts.retries
-    try:
-        yield upstream
-    finally:
-        upstream.release()  # back to the pool if complete, else closed
 
 
-def _loop_deadline(deadline: float | None) -> float | None:
+def _loop_deadline(deadline: float) -> float:
     """``time.monotonic()`` and the loop clock agree on Linux; convert for other loops."""
-    if deadline is None:
-        return None
     loop = asyncio.get_running_loop()
     return loop.time() + (deadline - time.monotonic())
