@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Iterable
 from typing import cast
 
 import httptools
@@ -489,10 +489,10 @@ class Pool:
         self._busy.clear()
 
 
-def header_block(headers: Mapping[str, str]) -> bytes:
-    """``Name: value\\r\\n`` lines of a mapping's items; a line break in a value is refused."""
+def header_block(headers: Iterable[tuple[str, str]]) -> bytes:
+    """``Name: value\\r\\n`` lines of (name, value) pairs; a line break in a value is refused."""
     lines = []
-    for name, value in headers.items():
+    for name, value in headers:
         if "\r" in value or "\n" in value:
             raise ValueError(f"header {name!r} contains a line break")
         lines.append(f"{name}: {value}\r\n")

@@ -99,9 +99,9 @@ class UpstreamWatch:
             raise TypeError(f"GET {path} did not answer a JSON object")
         return obj
 
-    def _auth_headers(self) -> dict[str, str]:
+    def _auth_headers(self) -> list[tuple[str, str]]:
         key = self._config.upstream.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        return [("Authorization", f"Bearer {key}")] if key else []
 
     def record(self, snap: Snapshot) -> None:
         if snap.reachable != self.last.reachable:

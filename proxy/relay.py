@@ -74,8 +74,7 @@ async def relay(
         counts_usage=counts_usage,
         count_chunks=count_chunks,
     )
-    headers = forward_response_headers(upstream.headers)
-    headers.update(exchange.headers)
+    headers = forward_response_headers(upstream.raw_headers, exchange.headers)
     response = _RelayResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if not streamed and upstream.content_length is not None:
         response.content_length = upstream.content_length

@@ -248,12 +248,14 @@ async def open_upstream(
     """
     cfg = gateway.config.upstream
     headers = forward_request_headers(
-        request.headers, peer=request.remote, request_id=exchange.request_id, api_key=cfg.api_key
-    )
-    if is_json:
+        request.headers,
+        peer=request.remote,
+        request_id=exchange.request_id,
+        api_key=cfg.api_key,
         # Validated JSON: say so, whatever the client sent (curl -d says form-urlencoded,
         # which Ollama ignores but OpenAI-compatible servers may not).
-        headers["Content-Type"] = "application/json"
+        content_type="application/json" if is_json else None,
+    )
     attempts = Attempts()
     opening = gateway.upstream.open(method, path, headers, body, attempts)
     try:

@@ -251,9 +251,9 @@ class SseScanner(Scanner):
     def _plain_prefix(data: bytes, end: int, sep: bytes) -> int:
         """Where the first frame that mentions usage, an error or [DONE] starts (or end)."""
         find = data.find
-        if find(b'"usage"', 0, end) < 0 and find(b'"error"', 0, end) < 0:
-            if find(b"[DONE]", 0, end) < 0:
-                return end  # most chunks: three finds, no list
+        no_usage = find(b'"usage"', 0, end) < 0
+        if no_usage and find(b'"error"', 0, end) < 0 and find(b"[DONE]", 0, end) < 0:
+            return end  # most chunks: three finds, no list
         marks = [i for marker in _MARKERS if (i := find(marker, 0, end)) >= 0]
         boundary = data.rfind(sep, 0, min(marks))
         return boundary + len(sep) if boundary >= 0 else 0

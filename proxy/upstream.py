@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.client import (
@@ -61,35 +60,61 @@ _DROP_REQUEST = HOP_BY_HOP | {
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
 
 
-def _connection_listed(headers: Mapping[str, str]) -> set[str]:
-    listed = headers.get("Connection", "")
+# Set by the gateway itself on the way up: the client's copies never go along.
+_SET_UP = frozenset({"accept-encoding", "x-request-id", "x-forwarded-for"})
+Pairs = list[tuple[str, str]]
+
+
+def _connection_listed(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """The names a ``Connection`` field lists: hop-by-hop for this message (RFC 9110 7.6.1)."""
+    listed = ",".join(value for name, value in headers if name.lower() == "connection")
     return {name.strip().lower() for name in listed.split(",") if name.strip()}
 
 
 def forward_request_headers(
-    headers: Mapping[str, str], *, peer: str | None, request_id: str, api_key: str
-) -> CIMultiDict[str]:
-    """The client's fields minus hop-by-hop and gateway-only ones, plus forwarding facts."""
-    dropped = _DROP_REQUEST | _connection_listed(headers)
-    out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in headers.items() if name.lower() not in dropped
-    )
+    headers: Mapping[str, str],
+    *,
+    peer: str | None,
+    request_id: str,
+    api_key: str,
+    content_type: str | None = None,
+) -> Pairs:
+    """The client's fields minus hop-by-hop and gateway-only ones, plus forwarding facts.
+
+    Pairs, not a mapping: a field the client repeated goes along repeated. ``content_type``
+    replaces the client's.
+    """
+    items = list(headers.items())
+    dropped = _DROP_REQUEST | _SET_UP
+    if "Connection" in headers:
+        dropped = dropped | _connection_listed(items)
+    if content_type is not None:
+        dropped = dropped | {"content-type"}
+    out = [(name, value) for name, value in items if name.lower() not in dropped]
+    if content_type is not None:
+        out.append(("Content-Type", content_type))
     # Identity: the gateway never decompresses, and it must read statistics in the body.
-    out["Accept-Encoding"] = "identity"
-    out["X-Request-ID"] = request_id
+    out.append(("Accept-Encoding", "identity"))
+    out.append(("X-Request-ID", request_id))
     if peer:
-        prior = headers.get("X-Forwarded-For")
-        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        prior = ", ".join(value for name, value in items if name.lower() == "x-forwarded-for")
+        out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
     if api_key:
-        out["Authorization"] = f"Bearer {api_key}"
+        out.append(("Authorization", f"Bearer {api_key}"))
     return out
 
 
-def forward_response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    dropped = _DROP_RESPONSE | _connection_listed(headers)
-    return CIMultiDict(
-        (name, value) for name, value in headers.items() if name.lower() not in dropped
-    )
+def forward_response_headers(headers: Pairs, own: Mapping[str, str]) -> Pairs:
+    """The upstream's fields minus hop-by-hop and framing ones, then the gateway's ``own``
+    (which replace any the upstream sent under the same names)."""
+    dropped = _DROP_RESPONSE
+    if own:
+        dropped = dropped | {name.lower() for name in own}
+    if any(name.lower() == "connection" for name, _ in headers):
+        dropped = dropped | _connection_listed(headers)
+    out = [(name, value) for name, value in headers if name.lower() not in dropped]
+    out.extend(own.items())
+    return out
 
 
 @dataclass(slots=True)
@@ -130,7 +155,7 @@ class Upstream:
             self._pool.close()
             self._pool = None
 
-    async def get(self, path: str, headers: Mapping[str, str]) -> UpstreamResponse:
+    async def get(self, path: str, headers: Pairs) -> UpstreamResponse:
         """One GET, no retries: the health probe's."""
         try:
             return await self.pool.request(
@@ -144,7 +169,7 @@ class Upstream:
         self,
         method: str,
         path: str,
-        headers: Mapping[str, str],
+        headers: Pairs,
         body: Body,
         attempts: Attempts,
     ) -> UpstreamResponse:

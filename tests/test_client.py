@@ -127,7 +127,7 @@ async def test_request_line_host_and_framing(serve: Serve, pool_for: PoolFor) ->
 
     server = await serve(script)
     pool = pool_for(server.port)
-    head = header_block({"Content-Type": "application/json", "X-Request-ID": "abc"})
+    head = header_block([("Content-Type", "application/json"), ("X-Request-ID", "abc")])
     response = await pool.request("POST", "/api/chat?x=1", head, b'{"a":1}', headers_timeout_s=5)
     assert await response.read() == b"{}"
     assert seen == [
@@ -142,7 +142,7 @@ async def test_request_line_host_and_framing(serve: Serve, pool_for: PoolFor) ->
 
 def test_a_line_break_in_a_header_value_is_refused() -> None:
     with pytest.raises(ValueError, match="X-Evil"):
-        header_block({"X-Evil": "a\r\nInjected: yes"})
+        header_block([("X-Evil", "a\r\nInjected: yes")])
 
 
 async def test_a_connection_closed_while_idle_is_replaced_without_an_error(

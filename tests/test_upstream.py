@@ -30,7 +30,9 @@ def test_request_headers_drop_hop_by_hop_credentials_and_host() -> None:
             "User-Agent": "ollama-python/0.6",
         }
     )
-    out = forward_request_headers(incoming, peer="10.1.2.3", request_id="rid-1", api_key="")
+    pairs = forward_request_headers(incoming, peer="10.1.2.3", request_id="rid-1", api_key="")
+    out = dict(pairs)
+    assert len(out) == len(pairs)
     assert set(map(str.lower, out)) == {
         "content-type",
         "user-agent",
@@ -46,7 +48,7 @@ def test_request_headers_drop_hop_by_hop_credentials_and_host() -> None:
 def test_request_headers_carry_the_upstream_key_and_extend_forwarded_for() -> None:
     """An upstream key replaces the client's; X-Forwarded-For is appended to."""
     incoming = CIMultiDict({"Authorization": "Bearer mine", "X-Forwarded-For": "1.1.1.1"})
-    out = forward_request_headers(incoming, peer="10.0.0.1", request_id="r", api_key="up-key")
+    out = dict(forward_request_headers(incoming, peer="10.0.0.1", request_id="r", api_key="up-key"))
     assert out["Authorization"] == "Bearer up-key"
     assert out["X-Forwarded-For"] == "1.1.1.1, 10.0.0.1"
 
@@ -62,7 +64,11 @@ def test_response_headers_keep_content_type_and_drop_framing() -> None:
             "Connection": "close",
         }
     )
-    assert dict(forward_response_headers(upstream)) == {"Content-Type": "application/x-ndjson"}
+    own = {"X-Request-ID": "gw"}
+    assert forward_response_headers(list(upstream.items()), own) == [
+        ("Content-Type", "application/x-ndjson"),
+        ("X-Request-ID", "gw"),
+    ]
 
 
 def test_backoff_doubles_with_jitter_and_is_capped() -> None:
@@ -109,3 +115,30 @@ def test_dialect_follows_the_path_prefix() -> None:
     assert dialect_for("/chat") is CHAT
     assert dialect_for("/v1/nope") is OPENAI
     assert dialect_for("/elsewhere") is OPENAI
+
+
+def test_repeated_fields_go_along_and_gateway_fields_are_not_doubled() -> None:
+    """A field sent twice goes up twice; the gateway's own fields appear once, whatever the
+    case the client wrote them in; a requested Content-Type replaces the client's."""
+    incoming = CIMultiDict(
+        [
+            ("Accept", "text/event-stream"),
+            ("Accept", "application/json"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-request-id", "client-chosen"),
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("Connection", "X-Hop"),
+            ("X-Hop", "dropped"),
+        ]
+    )
+    out = forward_request_headers(
+        incoming, peer="10.0.0.1", request_id="rid", api_key="", content_type="application/json"
+    )
+    assert out == [
+        ("Accept", "text/event-stream"),
+        ("Accept", "application/json"),
+        ("Content-Type", "application/json"),
+        ("Accept-Encoding", "identity"),
+        ("X-Request-ID", "rid"),
+        ("X-Forwarded-For", "1.1.1.1, 10.0.0.1"),
+    ]
