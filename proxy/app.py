@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +28,7 @@ from proxy.dialects import dialect_for
 from proxy.errors import ProxyError, RateLimitedError, RouteNotFoundError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
-from proxy.log import request_finished
+from proxy.log import REQUEST_ID, request_finished
 from proxy.metrics import Metrics
 from proxy.routes import INFERENCE, ROUTES, relay_route
 
@@ -41,7 +41,10 @@ _REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID")
-    return given if given and _REQUEST_ID.match(given) else os.urandom(16).hex()
+    if given and _REQUEST_ID.match(given):
+        return given
+    # An id to find a request by, not a secret: the PRNG, without os.urandom's system call.
+    return f"{random.getrandbits(128):032x}"
 
 
 @web.middleware
@@ -57,7 +60,7 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
     )
     exchange.headers["X-Request-ID"] = exchange.request_id
     request[EXCHANGE] = exchange
-    structlog.contextvars.bind_contextvars(request_id=exchange.request_id)
+    bound = REQUEST_ID.set(exchange.request_id)
     outcome = "error"
     try:
         try:
@@ -81,7 +84,7 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         raise
     finally:
         finish(gateway, exchange, outcome)
-        structlog.contextvars.clear_contextvars()
+        REQUEST_ID.reset(bound)
     return response
 
 

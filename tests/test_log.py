@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from proxy.log import configure_logging, request_finished
+from proxy.log import REQUEST_ID, configure_logging, request_finished
 
 FIELDS = {"method": "POST", "endpoint": "/api/chat", "model": None, "status": 200, "ttft_s": 0.25}
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -37,13 +37,15 @@ def sink() -> Iterator[Sink]:
     sink = Sink()
     configure_logging("info", "json", sink)
     yield sink
-    structlog.contextvars.clear_contextvars()
     configure_logging("info", "json")
 
 
 def test_the_fast_line_is_the_structlog_line(sink: Sink) -> None:
-    structlog.contextvars.bind_contextvars(request_id="abc")
-    structlog.get_logger("proxy.access").warning("request_finished", **FIELDS)
+    bound = REQUEST_ID.set("abc")
+    try:
+        structlog.get_logger("proxy.access").warning("request_finished", **FIELDS)
+    finally:
+        REQUEST_ID.reset(bound)
     request_finished(logging.WARNING, "abc", FIELDS)
     slow, fast = (json.loads(line) for line in sink.written())
     assert list(fast) == list(slow)  # same keys, same order
