@@ -223,25 +223,30 @@ class SseScanner(Scanner):
                 self._hold(data)
                 return b""
         sep = self._sep
-        end = data.rfind(sep)
-        if end < 0:
-            self._hold(data)
-            return b""
-        end += len(sep)
-        self._hold(data[end:])
+        if data.endswith(sep):
+            # Whole frames, the usual read: no tail to hold, no slicing.
+            end = len(data)
+            self._pending = b""
+        else:
+            end = data.rfind(sep)
+            if end < 0:
+                self._hold(data)
+                return b""
+            end += len(sep)
+            self._hold(data[end:])
         # Frames before the first that can say something (usage, an error, the end) pass
         # through as they are; only from that frame on is the data split and looked at.
         cut = self._plain_prefix(data, end, sep)
-        out = [data[:cut]] if cut else []
         if self._count and cut:
             self.content_chunks += count_content(data, cut)
+        if cut == len(data):
+            return data  # nothing to look at, nothing held back
+        out = [data[:cut]] if cut else []
         if cut < end:
             for frame in data[cut : end - len(sep)].split(sep):
                 kept = self._filter(frame)
                 if kept is not None:
                     out.append(kept + sep)
-        if len(out) == 1 and cut == len(data):
-            return data
         return b"".join(out)
 
     def _hold(self, tail: bytes) -> None:
