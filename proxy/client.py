@@ -271,14 +271,23 @@ class UpstreamResponse:
             self.headers_done.exception()  # retrieved: open() reports it, not the loop
         self._wake()
 
-    # httptools callbacks
+    # httptools callbacks. After the response's end, llhttp goes on parsing whatever else
+    # came (a second response, a body to a HEAD): ignored, and the connection not reused.
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.keep_alive = False
+
     def on_status(self, status: bytes) -> None:
-        self.reason += status.decode("latin-1")
+        if not self.complete:
+            self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if not self.complete:
+            self.raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
         self.status = self.parser.get_status_code()
         self.headers = CIMultiDict(self.raw_headers)
         self.framed = "Content-Length" in self.headers or "chunked" in self.headers.get(
@@ -291,6 +300,9 @@ class UpstreamResponse:
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self.keep_alive = False
+            return
         self._chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self._paused:

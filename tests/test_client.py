@@ -187,6 +187,21 @@ async def test_head_ends_at_the_headers_and_keeps_the_connection(
     assert server.connections == 1
 
 
+async def test_bytes_after_the_response_are_ignored_and_the_connection_dropped(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        writer.write(ok(head[0]) + ok(b"unasked"))  # a second response nobody asked for
+        await keep_answering(reader, writer)
+
+    server = await serve(script)
+    pool = pool_for(server.port)
+    assert await get(pool) == (200, b"GET / HTTP/1.1")
+    assert await get(pool, "/next") == (200, b"GET /next HTTP/1.1")
+    assert server.connections == 2
+
+
 async def test_a_body_delimited_by_the_connection_end(serve: Serve, pool_for: PoolFor) -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
