@@ -174,6 +174,8 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
     assert doc["streaming"]["ratios"]["gateway_vs_naive"] is not None
     assert set(doc["streaming"]["added_ms"]["gateway"]) == {"ttft_p50_ms", "ttft_p99_ms"}
     assert doc["streaming_light"]["gateway"]["ttft_p50_ms"] > 0
+    assert doc["streaming"]["gateway"]["cpu_us_per_stream"] > 0
+    assert doc["streaming"]["naive"]["cpu_us_per_stream"] > 0
     for path in ("/api/tags", "/v1/chat/completions"):
         block = doc["small"][path]
         for name in names:

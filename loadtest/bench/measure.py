@@ -90,23 +90,37 @@ async def in_rounds(
 
 async def measure_streaming(
     targets: dict[str, str],
+    pids: dict[str, int],
     s: Settings,
     say: Callable[[str], None],
     *,
     concurrency: int | None = None,
     requests: int | None = None,
 ) -> dict[str, Any]:
+    by_url = {url: pids[name] for name, url in targets.items() if name in pids}
+    concurrency = concurrency or s.concurrency
+    requests = requests or s.stream_requests
+
     async def run(base: str) -> dict[str, Any]:
+        pid = by_url.get(base)
+        cpu_before = cpu_seconds(pid) if pid else 0.0
         raw = await loadgen(
             "stream", "--url", base + "/v1/chat/completions", "--body", json.dumps(STREAM_BODY),
-            "--concurrency", str(concurrency or s.concurrency),
-            "--requests", str(requests or s.stream_requests),
+            "--concurrency", str(concurrency), "--requests", str(requests),
         )  # fmt: skip
-        return results.stream_run(raw)
+        run = results.stream_run(raw)
+        # The load generator's untimed first round opens one stream per connection.
+        streams = raw["requests"] + raw["errors"] + concurrency
+        run["cpu_us_per_stream"] = (
+            (cpu_seconds(pid) - cpu_before) / streams * 1e6 if pid and streams else None
+        )
+        return run
 
-    say(f"streaming at concurrency {concurrency or s.concurrency} ...")
+    say(f"streaming at concurrency {concurrency} ...")
     runs = await in_rounds(targets, s.rounds, run, say)
-    return results.summarise(runs, "chunks_per_s", ("ttft_p50_ms", "ttft_p99_ms"))
+    return results.summarise(
+        runs, "chunks_per_s", ("ttft_p50_ms", "ttft_p99_ms"), ("cpu_us_per_stream",)
+    )
 
 
 async def measure_small(
@@ -278,9 +292,9 @@ async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
         targets["naive"] = naive.url
         targets["gateway"] = gateway.url
         pids = {"direct": fake.pid, "naive": naive.pid, "gateway": gateway.pid}
-        streaming = await measure_streaming(targets, s, say)
+        streaming = await measure_streaming(targets, pids, s, say)
         light = await measure_streaming(
-            targets, s, say, concurrency=1, requests=max(20, s.stream_requests // 4)
+            targets, pids, s, say, concurrency=1, requests=max(20, s.stream_requests // 4)
         )
         small = await measure_small(targets, pids, s=s, wrk=wrk_bin, workdir=workdir, say=say)
         after_load = rss_bytes(gateway.pid)

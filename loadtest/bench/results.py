@@ -168,6 +168,7 @@ def render(result: dict[str, Any]) -> str:
             ("chunks/s", "chunks_per_s", 0),
             ("TTFT p50 (ms)", "ttft_p50_ms", 2),
             ("TTFT p99 (ms)", "ttft_p99_ms", 2),
+            ("CPU us per stream", "cpu_us_per_stream", 0),
         ],
     )
     r, added = st["ratios"], st["added_ms"]
