@@ -128,6 +128,7 @@ class UpstreamResponse:
         "head_only",
         "headers",
         "headers_done",
+        "interim",
         "keep_alive",
         "parser",
         "raw_headers",
@@ -147,6 +148,7 @@ class UpstreamResponse:
         self.headers_done: asyncio.Future[None] = connection.pool.loop.create_future()
         self.framed = False  # Content-Length or chunked: the end is not the connection's end
         self.keep_alive = False  # known with the headers (llhttp forgets it at the end)
+        self.interim = False  # parsing a 1xx response, which the final one follows
         self.received = False
         self.complete = False
         self.buffered = 0
@@ -288,7 +290,12 @@ class UpstreamResponse:
     def on_headers_complete(self) -> None:
         if self.complete:
             return
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim response (100 Continue, 103 Early Hints): the real one follows.
+            self.raw_headers, self.reason, self.interim = [], "", True
+            return
+        self.status = status
         self.headers = CIMultiDict(self.raw_headers)
         self.framed = "Content-Length" in self.headers or "chunked" in self.headers.get(
             "Transfer-Encoding", ""
@@ -313,6 +320,9 @@ class UpstreamResponse:
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         if self.complete:
             return
         self.complete = True

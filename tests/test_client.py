@@ -202,6 +202,24 @@ async def test_bytes_after_the_response_are_ignored_and_the_connection_dropped(
     assert server.connections == 2
 
 
+async def test_an_interim_response_is_skipped(serve: Serve, pool_for: PoolFor) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + ok(b"final"))
+        await keep_answering(reader, writer)
+
+    server = await serve(script)
+    pool = pool_for(server.port)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    assert (response.status, response.reason, dict(response.headers)) == (
+        200, "OK", {"Content-Length": "5"}
+    )  # fmt: skip
+    assert await response.read() == b"final"
+    response.release()
+    assert await get(pool, "/next") == (200, b"GET /next HTTP/1.1")
+    assert server.connections == 1
+
+
 async def test_a_body_delimited_by_the_connection_end(serve: Serve, pool_for: PoolFor) -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
