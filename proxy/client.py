@@ -468,8 +468,12 @@ class Pool:
             raise ConnectFailed(f"no connection within {self.connect_timeout_s:g} s") from None
         except OSError as exc:
             # asyncio's message names the address; the errno's says what went wrong (a DNS
-            # failure's errno is the resolver's, negative, with its own message).
-            if exc.errno and exc.errno > 0:
+            # failure's errno is the resolver's, negative, with its own message; a TLS
+            # failure's is OpenSSL's, which os.strerror does not know).
+            if isinstance(exc, ssl.SSLError):
+                detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+                reason = f"TLS handshake failed: {detail}"
+            elif exc.errno and exc.errno > 0:
                 reason = os.strerror(exc.errno)
             else:
                 reason = exc.strerror or str(exc) or type(exc).__name__

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import trustme
 
 from proxy.client import (
     ConnectFailed,
@@ -355,3 +357,26 @@ async def test_closing_the_pool_ends_a_response_in_flight(serve: Serve, pool_for
     pool.close()
     with pytest.raises(UpstreamDisconnected):
         await reading
+
+
+async def test_an_https_upstream_is_verified_and_spoken_to_over_tls() -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_tls)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    scripted = Scripted(keep_answering)
+    server = await asyncio.start_server(scripted._serve, "localhost", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    trusting = Pool("localhost", port, tls=client_tls, connect_timeout_s=2)
+    doubting = Pool("localhost", port, tls=ssl.create_default_context(), connect_timeout_s=2)
+    try:
+        assert await get(trusting, "/tls") == (200, b"GET /tls HTTP/1.1")
+        with pytest.raises(ConnectFailed, match=r"TLS handshake failed: .*certificate"):
+            await get(doubting)
+    finally:
+        trusting.close()
+        doubting.close()
+        for writer in scripted.writers:
+            writer.close()
+        server.close()
