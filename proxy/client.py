@@ -117,10 +117,12 @@ class UpstreamResponse:
         "_chunks",
         "_connection",
         "_error",
+        "_headers_s",
         "_idle_s",
         "_last_data",
         "_paused",
         "_timer",
+        "_timer_due",
         "_waiter",
         "buffered",
         "complete",
@@ -156,9 +158,11 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._paused = False
+        self._headers_s = 0.0
         self._idle_s = 0.0
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
 
     # what the relay uses
     @property
@@ -203,16 +207,27 @@ class UpstreamResponse:
             parts.append(chunk)
         return b"".join(parts)
 
-    def set_timeout(self, seconds: float) -> None:
-        """Fail the response when the upstream sends nothing for ``seconds`` (0: never)."""
-        self._idle_s = seconds
+    def start_timer(self, headers_s: float, idle_s: float) -> None:
+        """Fail the response when the upstream sends nothing for ``headers_s`` before the
+        headers, or for ``idle_s`` between two body chunks (0: no limit).
+
+        One timer, armed for the nearer limit and re-armed only when it fires early: a
+        quick answer costs one timer, whichever phase it is in.
+        """
+        self._headers_s, self._idle_s = headers_s, idle_s
+        limits = [s for s in (headers_s, idle_s) if s > 0]
+        if limits and not self.complete and self._error is None:
+            self._last_data = self._connection_loop().time()
+            self._arm(self._last_data + min(limits))
+
+    def _arm(self, due: float) -> None:
+        """Have ``_check_idle`` run by ``due`` (an earlier timer already does)."""
         if self._timer is not None:
+            if self._timer_due <= due:
+                return
             self._timer.cancel()
-            self._timer = None
-        if seconds > 0 and not self.complete and self._error is None:
-            loop = self._connection_loop()
-            self._last_data = loop.time()
-            self._timer = loop.call_at(self._last_data + seconds, self._check_idle)
+        self._timer_due = due
+        self._timer = self._connection_loop().call_at(due, self._check_idle)
 
     def __enter__(self) -> UpstreamResponse:
         return self
@@ -303,6 +318,11 @@ class UpstreamResponse:
         self.keep_alive = self.framed and self.parser.should_keep_alive()
         if not self.headers_done.done():
             self.headers_done.set_result(None)
+        if self._idle_s > 0 and not self.head_only:
+            # The body's limit starts now; re-arm only if the timer is set for later.
+            loop = self._connection_loop()
+            self._last_data = loop.time()
+            self._arm(self._last_data + self._idle_s)
         if self.head_only:
             self.on_message_complete()
 
@@ -339,12 +359,15 @@ class UpstreamResponse:
         self._timer = None
         if self.complete or self._error is not None:
             return
+        limit = self._idle_s if self.headers_done.done() else self._headers_s
+        if limit <= 0:
+            return  # no limit in this phase (on_headers_complete arms the next one)
         loop = self._connection_loop()
-        due = self._last_data + self._idle_s
+        due = self._last_data + limit
         if loop.time() < due:
-            self._timer = loop.call_at(due, self._check_idle)
+            self._arm(due)
             return
-        self.fail(TimeoutError(f"the upstream sent nothing for {self._idle_s:g} s"))
+        self.fail(TimeoutError(f"the upstream sent nothing for {limit:g} s"))
         if self._connection is not None:
             self._connection.close()
 
@@ -383,14 +406,22 @@ class Pool:
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(
-        self, method: str, target: str, head: bytes, body: Body, *, headers_timeout_s: float
+        self,
+        method: str,
+        target: str,
+        head: bytes,
+        body: Body,
+        *,
+        headers_timeout_s: float,
+        idle_timeout_s: float = 0.0,
     ) -> UpstreamResponse:
         """Send ``method target`` with the header block ``head`` (``Name: value\\r\\n``
         lines, no Host, no framing) and wait for the response headers.
 
         Raises ``OSError``/``TimeoutError`` when no connection could be made (nothing was
         sent), ``UpstreamError`` when the connection failed after the request went out,
-        ``TimeoutError`` when the headers did not come in time.
+        ``TimeoutError`` when the headers did not come in time. Reading the body raises
+        ``TimeoutError`` after ``idle_timeout_s`` without a byte (0: no limit).
         """
         retry_stale = not isinstance(body, AsyncIterable)  # a streamed body goes once
         start = f"{method} {target} HTTP/1.1\r\nHost: {self.authority}\r\n".encode()
@@ -401,7 +432,8 @@ class Pool:
             try:
                 return await self._exchange(
                     connection, method, start + head, body,
-                    headers_timeout_s=headers_timeout_s, retry_stale=reused and retry_stale,
+                    timeouts=(headers_timeout_s, idle_timeout_s),
+                    retry_stale=reused and retry_stale,
                 )  # fmt: skip
             except _Stale:
                 continue  # the upstream had closed it while idle: it never saw the request
@@ -413,7 +445,7 @@ class Pool:
         head: bytes,
         body: Body,
         *,
-        headers_timeout_s: float,
+        timeouts: tuple[float, float],
         retry_stale: bool,
     ) -> UpstreamResponse:
         response = UpstreamResponse(connection, head_only=method == "HEAD")
@@ -431,7 +463,7 @@ class Pool:
                         connection.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                         await connection.drain()
                 connection.write(b"0\r\n\r\n")
-            response.set_timeout(headers_timeout_s)
+            response.start_timer(*timeouts)
             await response.headers_done
         except UpstreamDisconnected:
             response.close()

@@ -161,6 +161,7 @@ class Upstream:
             return await self.pool.request(
                 "GET", self._prefix + path, header_block(headers), None,
                 headers_timeout_s=self.config.headers_timeout_s,
+                idle_timeout_s=self.config.idle_timeout_s,
             )  # fmt: skip
         except ConnectFailed as exc:
             raise UpstreamConnectError(f"cannot connect ({exc})") from exc
@@ -182,9 +183,12 @@ class Upstream:
         for attempt in range(tries):
             last = attempt == tries - 1
             try:
+                # Waiting for headers allows headers_timeout_s (a cold model load can take
+                # minutes); from then on the limit is the gap between two chunks.
                 response = await self.pool.request(
-                    method, target, head, body, headers_timeout_s=cfg.headers_timeout_s
-                )
+                    method, target, head, body,
+                    headers_timeout_s=cfg.headers_timeout_s, idle_timeout_s=cfg.idle_timeout_s,
+                )  # fmt: skip
             except ConnectFailed as exc:
                 # Connect failed: the upstream never saw this request, so retrying is safe.
                 if last:
@@ -205,9 +209,6 @@ class Upstream:
                 ) from exc
             else:
                 if response.status != 503 or last:
-                    # The wait for headers allowed headers_timeout_s (a cold model load can
-                    # take minutes); from here on the limit is the gap between two chunks.
-                    response.set_timeout(cfg.idle_timeout_s)
                     return response
                 response.close()  # Ollama's "server busy": refused before any work began
             attempts.retries += 1

@@ -264,14 +264,38 @@ async def test_silence_after_the_headers_times_out(serve: Serve, pool_for: PoolF
 
     server = await serve(stall)
     pool = pool_for(server.port)
-    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
-    response.set_timeout(0.2)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5, idle_timeout_s=0.2)
     assert await response.readany() == b"hi"
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(TimeoutError, match=r"nothing for 0\.2 s"):
         await response.readany()
     assert 0.15 < loop.time() - started < 2
+
+
+@pytest.mark.parametrize("headers_timeout_s", [5.0, 0.0])
+async def test_each_phase_has_its_own_limit(
+    serve: Serve, pool_for: PoolFor, headers_timeout_s: float
+) -> None:
+    """A slow first byte is judged by the headers limit, even when the idle limit is
+    shorter; after the headers, the idle limit applies. 0 means no limit for the phase."""
+
+    async def slow_start(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(0.4)  # the upstream is slow to start (a model load)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        await reader.read()
+
+    pool = pool_for((await serve(slow_start)).port)
+    response = await pool.request(
+        "GET", "/", b"", None, headers_timeout_s=headers_timeout_s, idle_timeout_s=0.15
+    )
+    assert await response.readany() == b"hi"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError, match=r"nothing for 0\.15 s"):
+        await response.readany()
+    assert loop.time() - started < 1
 
 
 async def test_no_headers_in_time_is_a_timeout(serve: Serve, pool_for: PoolFor) -> None:
