@@ -96,6 +96,23 @@ def ok(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
+def sends(data: bytes, *, after_s: float = 0.0) -> Script:
+    """A server that answers a request with ``data`` (``after_s`` late, as a slow upstream
+    is), then keeps the connection open until the client leaves."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        if after_s:
+            await asyncio.sleep(after_s)
+        writer.write(data)
+        await reader.read()
+
+    return script
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 async def get(pool: Pool, path: str = "/", method: str = "GET") -> tuple[int, bytes]:
     response = await pool.request(method, path, b"", None, headers_timeout_s=5)
     body = await response.read()
@@ -245,25 +262,14 @@ async def test_a_cut_chunked_body_fails_the_read(serve: Serve, pool_for: PoolFor
 
 
 async def test_broken_framing_is_an_upstream_error(serve: Serve, pool_for: PoolFor) -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
-        await reader.read()
-
-    pool = pool_for((await serve(script)).port)
+    pool = pool_for((await serve(sends(CHUNKED + b"zz\r\n"))).port)
     response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
     with pytest.raises(UpstreamError, match="framing"):
         await response.read()
 
 
 async def test_silence_after_the_headers_times_out(serve: Serve, pool_for: PoolFor) -> None:
-    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
-        await reader.read()  # until the client gives up
-
-    server = await serve(stall)
-    pool = pool_for(server.port)
+    pool = pool_for((await serve(sends(CHUNKED + b"2\r\nhi\r\n"))).port)
     response = await pool.request("GET", "/", b"", None, headers_timeout_s=5, idle_timeout_s=0.2)
     assert await response.readany() == b"hi"
     loop = asyncio.get_running_loop()
@@ -280,13 +286,8 @@ async def test_each_phase_has_its_own_limit(
     """A slow first byte is judged by the headers limit, even when the idle limit is
     shorter; after the headers, the idle limit applies. 0 means no limit for the phase."""
 
-    async def slow_start(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        await asyncio.sleep(0.4)  # the upstream is slow to start (a model load)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
-        await reader.read()
-
-    pool = pool_for((await serve(slow_start)).port)
+    # The upstream is slow to start, as with a model load.
+    pool = pool_for((await serve(sends(CHUNKED + b"2\r\nhi\r\n", after_s=0.4))).port)
     response = await pool.request(
         "GET", "/", b"", None, headers_timeout_s=headers_timeout_s, idle_timeout_s=0.15
     )
@@ -370,12 +371,7 @@ async def test_nothing_listening_is_a_connect_failure(pool_for: PoolFor) -> None
 
 
 async def test_closing_the_pool_ends_a_response_in_flight(serve: Serve, pool_for: PoolFor) -> None:
-    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        await reader.read()
-
-    pool = pool_for((await serve(stall)).port)
+    pool = pool_for((await serve(sends(CHUNKED))).port)
     response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
     reading = asyncio.create_task(response.readany())
     pool.close()
