@@ -248,9 +248,11 @@ class UpstreamResponse:
             connection.close()
 
     def close(self) -> None:
-        """Done with it, finished or not: the connection is closed, never reused."""
+        """Done with it, finished or not: the connection is closed, never reused. A read
+        waiting for the body fails."""
         if not self.complete and self._error is None:
             self._error = UpstreamDisconnected("the response was closed")
+            self._wake()
         self._stop_timer()
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -418,8 +420,8 @@ class Pool:
         """Send ``method target`` with the header block ``head`` (``Name: value\\r\\n``
         lines, no Host, no framing) and wait for the response headers.
 
-        Raises ``OSError``/``TimeoutError`` when no connection could be made (nothing was
-        sent), ``UpstreamError`` when the connection failed after the request went out,
+        Raises ``ConnectFailed`` when no connection could be made (nothing was sent),
+        ``UpstreamError`` when the connection failed after the request went out,
         ``TimeoutError`` when the headers did not come in time. Reading the body raises
         ``TimeoutError`` after ``idle_timeout_s`` without a byte (0: no limit).
         """

@@ -374,6 +374,10 @@ async def test_closing_the_pool_ends_a_response_in_flight(serve: Serve, pool_for
     pool = pool_for((await serve(sends(CHUNKED))).port)
     response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
     reading = asyncio.create_task(response.readany())
+    turn = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(turn.set_result, None)
+    await turn  # callbacks run in order: the read has started and waits for the body
+    assert response._waiter is not None
     pool.close()
     with pytest.raises(UpstreamDisconnected):
         await reading
