@@ -68,24 +68,25 @@ class _Lines:
 class _Fast:
     """The request_finished line's own path (see ``request_finished``)."""
 
-    lines: _Lines | None = None
-    threshold = logging.INFO
+    def __init__(self) -> None:
+        self.lines: _Lines | None = None
+        self.threshold = logging.INFO
+        self._second = 0
+        self._second_text = ""
+
+    def timestamp(self) -> str:
+        """structlog's ``TimeStamper(fmt="iso", utc=True)`` text; the date and time of day
+        are formatted once per second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1e6):06d}Z"
 
 
 _fast = _Fast()
 _LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning"}
-_second = 0
-_second_text = ""
-
-
-def _timestamp() -> str:
-    """structlog's ``TimeStamper(fmt="iso", utc=True)`` text, the date part cached per second."""
-    global _second, _second_text
-    now = time.time()
-    second = int(now)
-    if second != _second:
-        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second_text}.{int((now - second) * 1e6):06d}Z"
 
 
 def request_finished(level: int, request_id: str, fields: dict[str, Any]) -> None:
@@ -104,7 +105,7 @@ def request_finished(level: int, request_id: str, fields: dict[str, Any]) -> Non
     line["event"] = "request_finished"
     line["request_id"] = request_id
     line["level"] = _LEVEL_NAMES[level]
-    line["timestamp"] = _timestamp()
+    line["timestamp"] = _fast.timestamp()
     _fast.lines.write(orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
 
