@@ -174,9 +174,6 @@ class UpstreamResponse:
         value = self.headers.get("Content-Length")
         return int(value) if value is not None and value.isdigit() else None
 
-    def is_eof(self) -> bool:
-        return self.complete and not self._chunks
-
     async def readany(self) -> bytes:
         """What has arrived since the last read, waiting for some; b"" once the body ended."""
         while not self._chunks:

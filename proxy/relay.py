@@ -50,7 +50,6 @@ async def relay(
     upstream: UpstreamResponse,
     exchange: Exchange,
     *,
-    idle_timeout_s: float,
     strip_usage: bool = False,
     counts_usage: bool = False,
     count_chunks: bool = False,
@@ -93,7 +92,6 @@ async def relay(
         scanner,
         exchange,
         streamed=streamed,
-        idle_timeout_s=idle_timeout_s,
         deadline=deadline,
     )
     if failure is None:
@@ -127,7 +125,6 @@ async def _copy(
     exchange: Exchange,
     *,
     streamed: bool,
-    idle_timeout_s: float,
     deadline: float | None,
 ) -> tuple[Failure | None, bytes]:
     """The hot loop: read what the upstream has, write it, until EOF or a failure.
@@ -138,7 +135,7 @@ async def _copy(
     """
     held = b""
     while True:
-        chunk = await _read(upstream, idle_timeout_s)
+        chunk = await _read(upstream)
         if isinstance(chunk, tuple):
             if scanner.complete:
                 break  # the upstream had said all it had to: only its framing broke
@@ -165,12 +162,12 @@ async def _copy(
     return None, held + tail
 
 
-async def _read(upstream: UpstreamResponse, idle_timeout_s: float) -> bytes | Failure:
+async def _read(upstream: UpstreamResponse) -> bytes | Failure:
     """Whatever the upstream has sent so far (b"" at EOF), or why it failed."""
     try:
         return await upstream.readany()
-    except TimeoutError:
-        return "TimeoutError", f"the upstream sent nothing for {idle_timeout_s:g} s"
+    except TimeoutError as exc:
+        return "TimeoutError", str(exc)  # the client's: how long the upstream was silent
     except UpstreamError as exc:
         return "StreamInterrupted", f"the upstream connection failed: {exc}"
 

@@ -220,7 +220,6 @@ async def forward(
             request,
             upstream,
             exchange,
-            idle_timeout_s=cfg.idle_timeout_s,
             strip_usage=strip_usage,
             counts_usage=inference,
             count_chunks=cfg.kind != "ollama",
