@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from loadtest.bench import results
-from loadtest.bench.services import nginx_conf
+from loadtest.bench.services import cpu_seconds, nginx_conf
 from loadtest.bench.wrk import lua_script, parse_wrk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,38 @@ def test_wrk_output_is_parsed_with_units() -> None:
     assert parsed.errors == 7
     with pytest.raises(ValueError, match="unexpected wrk output"):
         parse_wrk("wrk: connection refused")
+
+
+# A child that burns 0.3 s of CPU, says so, then waits; and a parent that waits with it.
+BUSY = """
+import sys, time
+while time.process_time() < 0.3:
+    pass
+print(flush=True)
+sys.stdin.read()
+"""
+PARENT = f"""
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", {BUSY!r}], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+print(child.stdout.readline().decode(), end="", flush=True)
+sys.stdin.read()
+child.communicate()
+"""
+
+
+@pytest.mark.timeout(20)
+def test_cpu_seconds_counts_the_work_of_children() -> None:
+    """nginx works in a child of the process the bench starts: its CPU counts too."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert parent.stdout is not None
+        parent.stdout.readline()  # the child has used 0.3 s of CPU and waits
+        assert cpu_seconds(parent.pid) >= 0.29
+    finally:
+        parent.communicate(timeout=10)
 
 
 @pytest.mark.timeout(5)
@@ -184,6 +217,8 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
         assert set(block["ratios"]) == ratio_keys
         assert block["gateway"]["cpu_us_per_request"] > 0
         assert block["naive"]["cpu_us_per_request"] > 0
+        if "nginx" in doc["baselines"]:
+            assert block["nginx"]["cpu_us_per_request"] > 0
     memory = doc["memory"]
     assert set(memory) >= {"idle_mb", "streams", "streams_mb", "streaming", "queued"}
     assert memory["scrape_idle_ms"] > 0

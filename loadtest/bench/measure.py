@@ -152,7 +152,7 @@ async def measure_small(
                 rps, p50, p99 = raw["requests_per_s"], raw["latency_p50_s"], raw["latency_p99_s"]
                 errors = raw["errors"]
             # CPU time per request: what the proxy itself spends, whatever else the machine
-            # is doing (nginx: its one worker, not counted here, so shown only for the others).
+            # is doing (direct: the fake Ollama's own).
             served = rps * s.small_duration_s
             cpu_us = (cpu_seconds(pid) - cpu_before) / served * 1e6 if pid and served else None
             return {"requests_per_s": rps, "latency_p50_ms": results._ms(p50),
@@ -292,6 +292,8 @@ async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
         targets["naive"] = naive.url
         targets["gateway"] = gateway.url
         pids = {"direct": fake.pid, "naive": naive.pid, "gateway": gateway.pid}
+        if nginx is not None:
+            pids["nginx"] = nginx.pid
         streaming = await measure_streaming(targets, pids, s, say)
         light = await measure_streaming(
             targets, pids, s, say, concurrency=1, requests=max(20, s.stream_requests // 4)

@@ -157,6 +157,8 @@ def render(result: dict[str, Any]) -> str:
         "writes, nothing else)"
         + ("" if "nginx" in result["baselines"] else " (no nginx: install it for the C baseline)"),
         f"medians of {s['rounds']} round(s); ratios and added latencies paired within a round",
+        "CPU us: what the proxy's processes used per stream or request (direct: the fake "
+        "Ollama's own)",
         "",
     ]
     st = result["streaming"]
