@@ -2,8 +2,8 @@
 
 ``take`` is a pure function of (bucket, now, rate, burst): it refills by elapsed time and
 either takes ``cost`` tokens or says how long until it could. The limiter keeps one global
-bucket, one per client in a bounded LRU table, and optionally a per-client bucket of LLM
-tokens that is reserved at admission and settled with the real counts afterwards.
+bucket, one per client in a bounded table (``Buckets``), and optionally a per-client bucket
+of LLM tokens that is reserved at admission and settled with the real counts afterwards.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class Decision:
     limit: int
     remaining: int
     reset_s: int
-    scope: str = ""
+    scope: str = ""  # which bucket refused: "client", "overflow", "global" or "tokens"
+    why: str = ""  # that bucket's limit, for the refusal's message
 
     @property
     def admitted(self) -> bool:
@@ -89,6 +90,61 @@ class Decision:
         }
 
 
+class Buckets:
+    """Per-client buckets, at most ``size``, the least recently seen first.
+
+    Only a full bucket is dropped to make room: it holds nothing a fresh one would not. While
+    the oldest is still refilling (or in debt), clients new to the table share one overflow
+    bucket, so a flood of new addresses cannot push a busy client's bucket out and have it
+    come back full.
+    """
+
+    OVERFLOW = "\x00overflow"  # the shared bucket's key: never a client id
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        # client -> (bucket, rate, burst): the limit it refills at, to know when it is full
+        self._table: OrderedDict[str, tuple[Bucket, float, float]] = OrderedDict()
+        self._overflow: Bucket | None = None
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def lookup(self, client: str, now: float, rate: float, burst: float) -> tuple[str, Bucket]:
+        """The key to ``store`` under (the client's, or ``OVERFLOW``) and its bucket."""
+        entry = self._table.get(client)
+        if entry is not None:
+            self._table.move_to_end(client)
+            return client, entry[0]
+        if len(self._table) < self.size or self._drop_oldest(now):
+            bucket = full(now, burst)
+            self._table[client] = (bucket, rate, burst)
+            return client, bucket
+        if self._overflow is None:
+            self._overflow = full(now, burst)
+        return self.OVERFLOW, self._overflow
+
+    def get(self, client: str) -> tuple[str, Bucket] | None:
+        """The client's bucket, or the overflow it shares; None if it has neither."""
+        entry = self._table.get(client)
+        if entry is not None:
+            return client, entry[0]
+        return None if self._overflow is None else (self.OVERFLOW, self._overflow)
+
+    def store(self, key: str, bucket: Bucket, rate: float, burst: float) -> None:
+        if key == self.OVERFLOW:
+            self._overflow = bucket
+        else:
+            self._table[key] = (bucket, rate, burst)
+
+    def _drop_oldest(self, now: float) -> bool:
+        client, (bucket, rate, burst) = next(iter(self._table.items()))
+        if seconds_until_full(bucket, now, rate, burst) > 0:
+            return False
+        del self._table[client]
+        return True
+
+
 class RateLimiter:
     """A global bucket plus bounded per-client buckets. Not thread-safe: one event loop."""
 
@@ -100,10 +156,9 @@ class RateLimiter:
     ) -> None:
         self._global = global_limit
         self._clock = clock
-        self._max_clients = max_clients
         self._global_bucket = full(clock(), global_limit.burst)
-        self._requests: OrderedDict[str, Bucket] = OrderedDict()
-        self._tokens: OrderedDict[str, Bucket] = OrderedDict()
+        self._requests = Buckets(max_clients)
+        self._tokens = Buckets(max_clients)
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -111,20 +166,34 @@ class RateLimiter:
     def admit(self, client: str, limit: Limit) -> Decision:
         """Take a request from ``client``'s bucket and the global one, or say how long to wait."""
         now = self._clock()
-        bucket = self._lookup(self._requests, client, now, limit.burst)
+        key, bucket = self._requests.lookup(client, now, limit.rate, limit.burst)
         new_client, client_wait = take(bucket, now, limit.rate, limit.burst)
         g = self._global
         new_global, global_wait = take(self._global_bucket, now, g.rate, g.burst)
         wait = max(client_wait, global_wait)
+        per_minute = round(limit.per_minute)
+        scope = why = ""
         if wait == 0.0:
-            self._requests[client] = bucket = new_client
+            bucket = new_client
+            self._requests.store(key, bucket, limit.rate, limit.burst)
             self._global_bucket = new_global
+        elif client_wait < global_wait:
+            scope, why = "global", f"{round(g.per_minute)} requests per minute for all clients"
+        elif key == Buckets.OVERFLOW:
+            scope = "overflow"
+            why = (
+                f"{per_minute} requests per minute shared by new clients while "
+                f"{self._requests.size} others are remembered"
+            )
+        else:
+            scope, why = "client", f"{per_minute} requests per minute per client"
         return Decision(
             wait_s=wait,
-            limit=round(limit.per_minute),
+            limit=per_minute,
             remaining=int(bucket.tokens) if wait == 0.0 else 0,
             reset_s=math.ceil(seconds_until_full(bucket, now, limit.rate, limit.burst)),
-            scope="" if wait == 0.0 else "client" if client_wait >= global_wait else "global",
+            scope=scope,
+            why=why,
         )
 
     def reserve_tokens(self, client: str, limit: Limit, cost: float) -> Decision:
@@ -132,11 +201,12 @@ class RateLimiter:
         now = self._clock()
         capacity = limit.tokens_per_minute
         rate = capacity / 60.0
-        bucket = self._lookup(self._tokens, client, now, capacity)
+        key, bucket = self._tokens.lookup(client, now, rate, capacity)
         # A request bigger than the whole bucket could never pass; it waits for a full one.
         new_bucket, wait = take(bucket, now, rate, capacity, min(cost, capacity))
         if wait == 0.0:
-            self._tokens[client] = bucket = new_bucket
+            bucket = new_bucket
+            self._tokens.store(key, bucket, rate, capacity)
         return Decision(
             wait_s=wait,
             limit=round(capacity),
@@ -147,22 +217,10 @@ class RateLimiter:
 
     def settle_tokens(self, client: str, limit: Limit, reserved: float, actual: float) -> None:
         """Replace the admission estimate with the real token count."""
-        bucket = self._tokens.get(client)
-        if bucket is None or limit.tokens_per_minute <= 0:
+        capacity = limit.tokens_per_minute
+        found = self._tokens.get(client)
+        if found is None or capacity <= 0:
             return
-        reserved = min(reserved, limit.tokens_per_minute)
-        self._tokens[client] = settle(bucket, actual - reserved, limit.tokens_per_minute)
-
-    def _lookup(
-        self, table: OrderedDict[str, Bucket], client: str, now: float, burst: float
-    ) -> Bucket:
-        bucket = table.get(client)
-        if bucket is None:
-            bucket = full(now, burst)
-            table[client] = bucket
-            # The least recently used bucket goes first; an idle one has refilled anyway.
-            while len(table) > self._max_clients:
-                table.popitem(last=False)
-        else:
-            table.move_to_end(client)
-        return bucket
+        key, bucket = found
+        settled = settle(bucket, actual - min(reserved, capacity), capacity)
+        self._tokens.store(key, settled, capacity / 60.0, capacity)

@@ -103,8 +103,7 @@ def admit(gateway: Gateway, exchange: Exchange, principal: Principal) -> None:
     if not decision.admitted:
         exchange.headers["Retry-After"] = str(decision.retry_after_s)
         raise RateLimitedError(
-            f"rate limit exceeded ({decision.scope}: {decision.limit} requests per minute "
-            f"per client); retry in {decision.retry_after_s} s",
+            f"rate limit exceeded ({decision.why}); retry in {decision.retry_after_s} s",
             retry_after_s=decision.retry_after_s,
         )
 

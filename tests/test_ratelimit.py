@@ -79,13 +79,69 @@ def test_refused_request_does_not_spend_the_other_bucket() -> None:
     assert decision.remaining == 1  # the client's second token was never spent
 
 
-def test_client_table_is_bounded_and_evicts_least_recently_used() -> None:
+def test_client_table_is_bounded() -> None:
     """A flood of new addresses cannot grow the table past max_clients."""
     clock = FakeClock()
     limiter = RateLimiter(Limit(1e9, 10**9), max_clients=100, clock=clock)
     for i in range(10_000):
         limiter.admit(f"10.0.{i // 256}.{i % 256}", Limit(60, 1))
+        clock.advance(0.001)
     assert len(limiter) == 100
+
+
+def test_a_flood_of_new_clients_cannot_refill_a_busy_clients_bucket() -> None:
+    """Pushing an empty bucket out of the table would hand its client a full one."""
+    clock = FakeClock()
+    limiter = RateLimiter(Limit(1e9, 10**9), max_clients=100, clock=clock)
+    limit = Limit(60, 2)
+    assert limiter.admit("busy", limit).admitted
+    assert limiter.admit("busy", limit).admitted
+    assert not limiter.admit("busy", limit).admitted
+    for i in range(500):
+        limiter.admit(f"10.0.{i // 256}.{i % 256}", limit)
+    refused = limiter.admit("busy", limit)
+    assert not refused.admitted
+    assert refused.scope == "client"
+
+
+def test_only_full_buckets_make_room_and_new_clients_share_the_overflow() -> None:
+    """Least recently seen first, when it has refilled; else one bucket for the newcomers."""
+    clock = FakeClock()
+    limiter = RateLimiter(Limit(1e9, 10**9), max_clients=2, clock=clock)
+    limit = Limit(60, 1)  # one token, back in a second
+    assert limiter.admit("a", limit).admitted
+    assert limiter.admit("b", limit).admitted
+    clock.advance(1.0)  # a and b are full again: nothing lost by forgetting them
+    assert limiter.admit("c", limit).admitted  # takes a's place
+    assert limiter.admit("d", limit).admitted  # takes b's place
+    assert len(limiter) == 2
+    assert limiter.admit("e", limit).admitted  # c and d are empty: e gets the overflow...
+    shared = limiter.admit("f", limit)  # ...which f shares
+    assert not shared.admitted
+    assert shared.scope == "overflow"
+    assert shared.why == (
+        "60 requests per minute shared by new clients while 2 others are remembered"
+    )
+    assert not limiter.admit("c", limit).admitted  # c kept its own (empty) bucket
+    clock.advance(1.0)
+    assert limiter.admit("f", limit).admitted  # c, d full again: f gets c's place
+    assert limiter.admit("e", limit).admitted  # and e d's
+    assert not limiter.admit("e", limit).admitted
+
+
+def test_token_debt_survives_a_flood_of_new_clients() -> None:
+    """A client that spent more LLM tokens than reserved stays in debt."""
+    clock = FakeClock()
+    limiter = RateLimiter(Limit(1e9, 10**9), max_clients=10, clock=clock)
+    limit = Limit(1e9, 10**9, tokens_per_minute=600)  # 10 tokens/s
+    assert limiter.reserve_tokens("a", limit, 100).admitted
+    limiter.settle_tokens("a", limit, reserved=100, actual=1200)  # 600 in debt
+    for i in range(50):
+        limiter.reserve_tokens(f"client-{i}", limit, 600)
+    clock.advance(30.0)  # refilled 300 of the 600 owed
+    refused = limiter.reserve_tokens("a", limit, 10)
+    assert not refused.admitted
+    assert refused.scope == "tokens"
 
 
 def test_rate_limit_headers_describe_the_client_bucket() -> None:

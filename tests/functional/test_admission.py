@@ -41,7 +41,8 @@ async def test_burst_admits_exactly_the_bucket_then_429_with_retry_after(
         assert response.status == 429
         assert response.headers["Retry-After"] == "10"
         assert response.headers["X-RateLimit-Remaining"] == "0"
-        assert "rate limit exceeded" in (await response.json())["error"]
+        error = (await response.json())["error"]
+        assert error == "rate limit exceeded (6 requests per minute per client); retry in 10 s"
     clock.advance(9.9)
     assert await _statuses(http, url, 1, json=QUICK) == [429]
     clock.advance(0.1)
@@ -69,7 +70,7 @@ async def test_global_bucket_limits_all_clients_together(
         assert response.status == 429
         body = await response.json()
     assert body["error"]["type"] == "rate_limit_error"
-    assert "global" in body["error"]["message"]
+    assert "(60 requests per minute for all clients)" in body["error"]["message"]
 
 
 async def test_streaming_responses_carry_the_limit_state(
