@@ -131,7 +131,10 @@ async def execute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             view = server_view(parse_text(before), parse_text(after), PATHS[config.dialect])
     summary = summarize(result.samples, result.wall_s)
     title = f"Load test: {config.describe()}"
-    out.write(render_table(summary, title, queue_wait_note=queue_wait_line(view)) + "\n")
+    table = render_table(
+        summary, title, streamed=config.stream, queue_wait_note=queue_wait_line(view)
+    )
+    out.write(table + "\n")
     if view is not None:
         out.write("\n" + render_comparison(summary, view) + "\n")
     if args.json:

@@ -170,9 +170,15 @@ def _row(label: str, spread: Spread, note: str, *, scale: float = 1.0, digits: i
     return f"  {label:<20}" + "".join(f"{c:>10}" for c in cells) + f"   {note}"
 
 
-def render_table(summary: Summary, title: str, *, queue_wait_note: str) -> str:
+def render_table(summary: Summary, title: str, *, streamed: bool, queue_wait_note: str) -> str:
     """The end-of-run table: outcomes, latency, TTFT, tokens/s, queue wait."""
     s = summary
+    if s.ttft_s.count:
+        ttft = _row("TTFT (s)", s.ttft_s, "streamed: to the first content chunk")
+    elif streamed:
+        ttft = "  TTFT (s)                   -  (no streamed request succeeded)"
+    else:
+        ttft = "  TTFT (s)                   -  (not streamed: rerun with --stream)"
     rps = s.requests_per_s
     lines = [
         title,
@@ -193,9 +199,7 @@ def render_table(summary: Summary, title: str, *, queue_wait_note: str) -> str:
         "",
         f"  {'':<20}" + "".join(f"{h:>10}" for h in ("p50", "p95", "p99", "mean")),
         _row("latency (s)", s.latency_s, "successful requests, to the last byte"),
-        _row("TTFT (s)", s.ttft_s, "streamed: to the first content chunk")
-        if s.ttft_s.count
-        else "  TTFT (s)                   -  (not streamed: rerun with --stream)",
+        ttft,
         _row(
             "tokens/s per request", s.tokens_per_s, "completion tokens / time they took", digits=1
         ),

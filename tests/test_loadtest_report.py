@@ -181,7 +181,9 @@ def test_tokens_per_second_uses_the_decode_phase_only_when_streamed() -> None:
 def test_table_shows_every_outcome_percentiles_and_the_queue_wait_source() -> None:
     """The table lists each outcome with its share, the three spreads and where queue wait is."""
     samples = [ok(i, 1.0) for i in range(3)] + [Sample(3, 0, 0.01, "429", 429, retry_after_s=2)]
-    text = render_table(summarize(samples, 2.0), "Load test", queue_wait_note="see /metrics")
+    text = render_table(
+        summarize(samples, 2.0), "Load test", streamed=True, queue_wait_note="see /metrics"
+    )
     for needle in ("success", "error", "429", "503", "other", "Retry-After p50 2 s"):
         assert needle in text
     assert "latency (s)" in text
@@ -190,8 +192,13 @@ def test_table_shows_every_outcome_percentiles_and_the_queue_wait_source() -> No
     assert "queue wait           see /metrics" in text
     unstreamed = [ok(0, 1.0, streamed=False, ttft_s=None)]
     assert "rerun with --stream" in render_table(
-        summarize(unstreamed, 1.0), "t", queue_wait_note=""
+        summarize(unstreamed, 1.0), "t", streamed=False, queue_wait_note=""
     )
+    # A streamed run where nothing succeeded has no TTFT either, for another reason.
+    refused = summarize([Sample(0, 0, 0.01, "429", 429, retry_after_s=1)], 1.0)
+    text = render_table(refused, "t", streamed=True, queue_wait_note="")
+    assert "(no streamed request succeeded)" in text
+    assert "rerun with --stream" not in text
 
 
 # ---- the gateway's view -------------------------------------------------------------------
