@@ -76,8 +76,14 @@ class Answer:
 def stats_line(
     ttft_s: float | None, tokens: int, decode_s: float | None, *, estimated: bool
 ) -> str:
-    """``ttft 0.21 s, 42 tokens, 18.3 tokens/s``; ``~`` marks a count of chunks, not tokens."""
-    parts = [f"ttft {ttft_s:.2f} s" if ttft_s is not None else "no tokens"]
+    """``ttft 210 ms, 42 tokens, 18.3 tokens/s`` (a TTFT of a second or more in seconds);
+    ``~`` marks a count of chunks, not tokens."""
+    if ttft_s is None:
+        parts = ["no tokens"]
+    elif ttft_s < 0.9995:  # what would round to "1000 ms" reads better as "1.00 s"
+        parts = [f"ttft {ttft_s * 1000:.0f} ms"]
+    else:
+        parts = [f"ttft {ttft_s:.2f} s"]
     parts.append(f"{'~' if estimated else ''}{tokens} tokens")
     if decode_s and tokens > 1:
         parts.append(f"{tokens / decode_s:.1f} tokens/s")

@@ -20,7 +20,7 @@ from tests.conftest import MODEL, GatewayFactory, RunningGateway
 pytestmark = pytest.mark.timeout(30)
 
 ROOT = Path(__file__).resolve().parents[2]
-STATS = re.compile(r"^ttft \d+\.\d\d s, (\d+) tokens(, [\d.]+ tokens/s)?$", re.MULTILINE)
+STATS = re.compile(r"^ttft (\d+ ms|\d+\.\d\d s), (\d+) tokens(, [\d.]+ tokens/s)?$", re.MULTILINE)
 
 
 async def chat(
@@ -64,7 +64,7 @@ async def test_answers_stream_with_stats_and_history_model_and_reset_apply(
     )
     assert status == 0, err
     assert out.count(text_of(5)) == 3
-    assert [int(m.group(1)) for m in STATS.finditer(out)] == [5, 5, 5]
+    assert [int(m.group(2)) for m in STATS.finditer(out)] == [5, 5, 5]
     assert "model: qwen2.5:0.5b" in out
     assert "history cleared" in out
     assert "\x1b[" not in out  # no ANSI codes when the output is not a terminal
@@ -172,8 +172,11 @@ async def test_unreachable_gateway_is_explained() -> None:
 
 def test_stats_line_and_refusals_read_well() -> None:
     """The stats line marks chunk counts as estimates; refusals name the status and the wait."""
-    assert stats_line(0.25, 42, 2.0, estimated=False) == "ttft 0.25 s, 42 tokens, 21.0 tokens/s"
-    assert stats_line(0.25, 1, 0.0, estimated=True) == "ttft 0.25 s, ~1 tokens"
+    assert stats_line(0.25, 42, 2.0, estimated=False) == "ttft 250 ms, 42 tokens, 21.0 tokens/s"
+    assert stats_line(0.25, 1, 0.0, estimated=True) == "ttft 250 ms, ~1 tokens"
+    assert stats_line(0.0031, 2, 1.0, estimated=False) == "ttft 3 ms, 2 tokens, 2.0 tokens/s"
+    assert stats_line(0.9996, 2, None, estimated=False) == "ttft 1.00 s, 2 tokens"
+    assert stats_line(12.5, 2, None, estimated=False) == "ttft 12.50 s, 2 tokens"
     assert stats_line(None, 0, None, estimated=True) == "no tokens, ~0 tokens"
     assert refusal(429, "slow down", "7") == "rate limited (HTTP 429): slow down; retry after 7 s"
     assert refusal(503, "full", None) == "the gateway is busy (HTTP 503): full"
