@@ -69,6 +69,8 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
             response = error_response(exchange, err)
             outcome = _outcome_of(err)
         except web.HTTPException as exc:
+            if "Allow" in exc.headers:  # a 405 says which methods the route takes
+                exchange.headers["Allow"] = exc.headers["Allow"]
             response = error_response(exchange, _from_http(exc))
         except Exception:
             log.exception("request_failed")

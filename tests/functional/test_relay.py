@@ -117,6 +117,7 @@ async def test_unknown_routes_answer_404_in_the_prefix_dialect(
         assert "method not allowed" in (await response.json())["error"]
     async with http.get(gateway.url + "/v1/chat/completions") as response:
         assert response.status == 405
+        assert response.headers["Allow"] == "POST"  # RFC 9110: a 405 lists what is allowed
         assert (await response.json())["error"]["code"] == "method_not_allowed"
 
 
