@@ -32,7 +32,9 @@ DEFAULT_URL = "http://localhost:8000"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest", description=(__doc__ or "").replace("``", "")
+    )
     p.add_argument("--url", help=f"gateway URL (default: $GATEWAY_URL or {DEFAULT_URL})")
     p.add_argument("--api-key", help="client API key (default: $PROXY_API_KEY)")
     p.add_argument(

@@ -93,7 +93,11 @@ def _describe(config: Config) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy",
+        description="A gateway in front of Ollama: API keys, rate limits, a fair queue and "
+        "metrics. serve runs it; the other commands check it or talk to it.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument(
         "--config", help="YAML config file (default: $PROXY_CONFIG or ./config.yaml)"

@@ -33,7 +33,9 @@ SMOKE = Settings(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.bench", description=(__doc__ or "").replace("``", "")
+    )
     p.add_argument("--chunks", type=int, default=d.chunks, help="SSE chunks per stream")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="streams at once")
     p.add_argument("--stream-requests", type=int, default=d.stream_requests,
