@@ -477,6 +477,23 @@ async def test_stall_sends_some_chunks_then_nothing(
     assert fake.active == 0
 
 
+async def test_stream_headers_leave_with_the_first_chunk(
+    fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    """As Go's net/http at Ollama's first flush: a runner stalled before its first token
+    has sent no status line yet, so the client is still waiting for headers."""
+    fake.config.mode = "stall"
+    fake.config.fail_after_chunks = 0
+    body = {"model": "llama3.2", "prompt": "x"}
+    request = asyncio.create_task(http.post(f"{fake.url}/api/generate", json=body))
+    await fake.wait_for(lambda: len(fake.seen) == 1 and fake.active == 1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(request), 0.3)
+    request.cancel()
+    await fake.wait_for(fake.seen[0].closed.is_set)
+    assert fake.seen[0].chunks_sent == 0
+
+
 async def test_drop_aborts_the_connection(fake: FakeOllama, http: aiohttp.ClientSession) -> None:
     """drop cuts the TCP connection inside the chunked body."""
     fake.config.mode = "drop"

@@ -47,6 +47,10 @@ class SeenRequest:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _GoStream(web.StreamResponse):
+    _send_headers_immediately = False  # aiohttp's switch: headers wait for the first write
+
+
 class Exchange:
     """One request in flight: its record, its (lazily prepared) stream, its start time."""
 
@@ -66,8 +70,9 @@ class Exchange:
         return self.seen.json
 
     async def stream(self, content_type: str) -> web.StreamResponse:
-        """Send the status line and headers of a chunked 200 response."""
-        resp = web.StreamResponse(headers={"Content-Type": content_type})
+        """Start a chunked 200 response; its status line and headers leave with the first
+        chunk, as Go's net/http sends them at Ollama's first flush."""
+        resp = _GoStream(headers={"Content-Type": content_type})
         await resp.prepare(self.request)
         self.response = resp
         return resp
