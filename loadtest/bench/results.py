@@ -236,5 +236,6 @@ def render(result: dict[str, Any]) -> str:
     for t in result["targets"]:
         verdict = {True: "PASS", False: "MISS", None: "n/a"}[t["passed"]]
         note = f"  ({t['note']})" if t["note"] else ""
-        lines.append(f"  {t['target']:<38}{_fmt(t['measured']):>10} {t['unit']:<8} {verdict}{note}")
+        measured = _fmt(t["measured"], 3)
+        lines.append(f"  {t['target']:<38}{measured:>10} {t['unit']:<8} {verdict}{note}")
     return "\n".join(lines)
