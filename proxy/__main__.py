@@ -27,6 +27,7 @@ def serve(config: Config) -> None:
     from aiohttp import web
 
     from proxy.app import create_app
+    from proxy.listen import listening_sockets, send_timeout_supported
     from proxy.log import configure_logging
 
     configure_logging(config.logging.level, config.logging.format)
@@ -42,12 +43,20 @@ def serve(config: Config) -> None:
         api_keys=len(config.auth.api_keys),
         admin_routes=bool(config.auth.admin_key),
     )
+    server = config.server
+    if server.send_timeout_s and not send_timeout_supported():
+        log.warning("send_timeout_unsupported", detail="TCP_USER_TIMEOUT is Linux-only")
+    try:
+        sockets = listening_sockets(server.host, server.port, send_timeout_s=server.send_timeout_s)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)  # "Address already in use": no traceback needed
+        log.error("cannot_listen", host=server.host, port=server.port, error=reason)  # noqa: TRY400
+        raise SystemExit(1) from None
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     web.run_app(
         create_app(config),
-        host=config.server.host,
-        port=config.server.port,
+        sock=sockets,
         # A client that goes away cancels its handler, which closes the upstream request,
         # so Ollama stops generating (and run_app behaves as the test server does).
         handler_cancellation=True,
@@ -80,6 +89,8 @@ def _describe(config: Config) -> str:
             f"timeouts          connect {c.upstream.connect_timeout_s:g} s, headers "
             f"{c.upstream.headers_timeout_s:g} s, idle {c.upstream.idle_timeout_s:g} s, total "
             f"{c.upstream.total_timeout_s:g} s (0 = off)",
+            f"stuck clients     dropped after {c.server.send_timeout_s:g} s with sent data unread "
+            "(0 = never)",
             f"retries           {c.upstream.max_retries} from {c.upstream.retry_delay_s:g} s",
             f"rate limits       {c.limits.requests_per_minute:g}/min (burst {c.limits.burst}) "
             f"global, {c.limits.client_requests_per_minute:g}/min (burst "

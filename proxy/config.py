@@ -30,6 +30,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     drain_timeout_s: float = 30.0
+    send_timeout_s: float = 60.0
     max_body_bytes: int = 20 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
 
@@ -138,6 +139,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PROXY_HOST": ("server.host", str),
     "PROXY_PORT": ("server.port", int),
     "SHUTDOWN_DRAIN_TIMEOUT": ("server.drain_timeout_s", float),
+    "SEND_TIMEOUT": ("server.send_timeout_s", float),
     "MAX_BODY_BYTES": ("server.max_body_bytes", int),
     "TRUSTED_PROXIES": ("server.trusted_proxies", _parse_list),
     "UPSTREAM_KIND": ("upstream.kind", str),
@@ -273,6 +275,7 @@ def _validate(config: Config) -> None:
     server, upstream, limits = config.server, config.upstream, config.limits
     _require(1 <= server.port <= 65535, "server.port: must be between 1 and 65535")
     _require(server.drain_timeout_s >= 0, "server.drain_timeout_s: must be >= 0")
+    _require(server.send_timeout_s >= 0, "server.send_timeout_s: must be >= 0")
     _require(server.max_body_bytes >= 1024, "server.max_body_bytes: must be at least 1024")
     for i, cidr in enumerate(server.trusted_proxies):
         try:

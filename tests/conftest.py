@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from loadtest.fake_ollama import FakeOllama, FakeOllamaConfig
 from proxy.app import create_app
 from proxy.config import parse_config
 from proxy.gateway import GATEWAY, Gateway
+from proxy.listen import listening_sockets
 
 MODEL = "llama3.2:latest"
 
@@ -113,7 +115,13 @@ async def gateway_factory(fake: FakeOllama) -> AsyncIterator[GatewayFactory]:
     ) -> RunningGateway:
         config = parse_config(gateway_config(upstream_url or fake.url, **sections))
         app = create_app(config, clock=clock)
-        server = TestServer(app, port=0)
+
+        def listen(host: str, port: int, _family: object) -> socket.socket:
+            # The sockets `proxy serve` listens on, with their options.
+            (sock,) = listening_sockets(host, port, send_timeout_s=config.server.send_timeout_s)
+            return sock
+
+        server = TestServer(app, port=0, socket_factory=listen)
         await server.start_server()
         servers.append(server)
         fake.reset()  # forget the start-up probe: tests count what clients caused

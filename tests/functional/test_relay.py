@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import time
 
 import aiohttp
 import pytest
 
 from loadtest.fake_ollama import FakeOllama
-from tests.conftest import MODEL, GatewayFactory, RunningGateway
+from tests.conftest import MODEL, GatewayFactory, RunningGateway, gate_until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -50,6 +51,30 @@ async def test_client_disconnect_closes_the_upstream_at_once(
     await fake.wait_for(lambda: seen.disconnected, timeout=0.5)
     assert time.monotonic() - left_at < 0.5
     assert seen.chunks_sent < 1000
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(
+    gateway_factory: GatewayFactory, fake: FakeOllama
+) -> None:
+    """Once sent data sits unread for server.send_timeout_s, the connection is dropped (a
+    vanished client would hold the one slot for about 15 minutes of TCP retries)."""
+    gw = await gateway_factory(server={"send_timeout_s": 0.5})
+    fake.config.tokens = 10_000_000  # never finishes: the buffers fill first
+    body = json.dumps({**V1_CHAT, "model": MODEL}).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    loop = asyncio.get_running_loop()
+    with socket.socket() as client:  # reads nothing, into a small window
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        await loop.sock_connect(client, (gw.server.host, gw.server.port))
+        await loop.sock_sendall(client, request)
+        await fake.wait_for(lambda: len(fake.seen) == 1 and fake.seen[0].chunks_sent > 0)
+        await gate_until(gw, lambda: gw.gateway.gate.active == 0, within_s=15)
+        await fake.wait_for(lambda: fake.seen[0].disconnected, timeout=1)
+    assert fake.seen[0].chunks_sent < fake.config.tokens
 
 
 async def test_disconnect_while_waiting_for_headers_closes_the_upstream(

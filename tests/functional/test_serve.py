@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -53,6 +54,20 @@ async def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     code, _, err = await _run("check-config", env={"PROXY_PORT": "eighty"})
     assert code == 2
     assert "PROXY_PORT" in err
+
+
+async def test_a_port_in_use_is_said_in_one_line_and_exits_1() -> None:
+    """No traceback: the log line names the address and the reason."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"PROXY_HOST": "127.0.0.1", "PROXY_PORT": str(port), "LOG_FORMAT": "json"}
+        code, _, err = await _run("serve", env=env)
+    assert code == 1
+    assert "Traceback" not in err
+    line = json.loads(next(line for line in err.splitlines() if "cannot_listen" in line))
+    assert (line["port"], line["error"]) == (port, "Address already in use")
 
 
 @pytest.fixture
