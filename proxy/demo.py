@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 
@@ -116,40 +115,44 @@ async def check(settings: EngineSettings) -> int:
 
 async def serve(settings: EngineSettings, config: Config) -> int:
     from proxy.app import create_app
+    from proxy.listen import listening_sockets
     from proxy.log import configure_logging
 
     host, port = config.server.host, config.server.port
-    try:  # before the engine starts: fail early
-        socket.create_server((host, port)).close()
+    try:  # before the engine starts: fail early, and hold the port
+        sockets = listening_sockets(host, port, send_timeout_s=config.server.send_timeout_s)
     except OSError as exc:
         return cannot_listen(host, port, exc)
-    async with running_engine(settings, report=say) as engine:
-        config = demo_config(config, engine.url)
-        configure_logging(config.logging.level, config.logging.format)
-        runner = web.AppRunner(
-            create_app(config),
-            # A client that goes away cancels its handler, so the engine stops generating.
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=min(config.server.drain_timeout_s, DEMO_DRAIN_S),
-        )
-        await runner.setup()
-        try:
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                return cannot_listen(host, port, exc)
-            shown = "localhost" if host in {"127.0.0.1", "0.0.0.0"} else host
-            say(next_steps(f"http://{shown}:{port}", config.limits))
-            code = await engine.wait_exited()
-            print(
-                f"demo: the engine exited unexpectedly ({exit_cause(code)}); its last output:\n"
-                f"{engine.tail()}",
-                file=sys.stderr,
+    port = sockets[0].getsockname()[1]  # the one taken, when asked for port 0
+    try:
+        async with running_engine(settings, report=say) as engine:
+            config = demo_config(config, engine.url)
+            configure_logging(config.logging.level, config.logging.format)
+            runner = web.AppRunner(
+                create_app(config),
+                # A client that goes away cancels its handler, so the engine stops generating.
+                handler_cancellation=True,
+                access_log=None,
+                shutdown_timeout=min(config.server.drain_timeout_s, DEMO_DRAIN_S),
             )
-            return 1
-        finally:
-            await runner.cleanup()
+            await runner.setup()
+            try:
+                for sock in sockets:
+                    await web.SockSite(runner, sock).start()
+                shown = "localhost" if host in {"127.0.0.1", "0.0.0.0"} else host
+                say(next_steps(f"http://{shown}:{port}", config.limits))
+                code = await engine.wait_exited()
+                print(
+                    f"demo: the engine exited unexpectedly ({exit_cause(code)}); its last "
+                    f"output:\n{engine.tail()}",
+                    file=sys.stderr,
+                )
+                return 1
+            finally:
+                await runner.cleanup()
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 async def run(args: argparse.Namespace, config: Config | None) -> int:
