@@ -123,7 +123,6 @@ async def serve(settings: EngineSettings, config: Config) -> int:
         sockets = listening_sockets(host, port, send_timeout_s=config.server.send_timeout_s)
     except OSError as exc:
         return cannot_listen(host, port, exc)
-    port = sockets[0].getsockname()[1]  # the one taken, when asked for port 0
     try:
         async with running_engine(settings, report=say) as engine:
             config = demo_config(config, engine.url)

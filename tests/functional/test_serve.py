@@ -70,6 +70,21 @@ async def test_a_port_in_use_is_said_in_one_line_and_exits_1() -> None:
     assert (line["port"], line["error"]) == (port, "Address already in use")
 
 
+async def test_the_demo_checks_its_port_before_starting_the_engine() -> None:
+    """A busy port fails at once, before minutes of engine start-up, whatever is installed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.demo", "--port", str(port),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in err.decode()
+
+
 @pytest.fixture
 async def served(fake: FakeOllama) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     port = _free_port()
