@@ -120,6 +120,9 @@ def test_ratios_and_added_latency_are_paired_within_rounds() -> None:
     assert out["direct"]["rate"] == 80
     assert out["ratios"]["nginx_vs_direct"] == pytest.approx(0.9)
     assert out["ratios"]["gateway_vs_direct"] == pytest.approx(0.5)  # 0.5, 0.8, 0.5
+    assert out["ratio_ranges"]["gateway_vs_direct"] == pytest.approx([0.5, 0.8])
+    assert out["ratio_ranges"]["gateway_vs_nginx"] == pytest.approx([50 / 90, 40 / 45])
+    assert out["ratio_ranges"]["gateway_vs_naive"] is None  # no naive relay in this run
     assert out["added_ms"]["gateway"]["p50"] == pytest.approx(1.0)  # 2, 1, 1
     alone = results.summarise({"direct": runs["direct"], "gateway": runs["gateway"]}, "rate", ())
     assert alone["ratios"]["gateway_vs_nginx"] is None
@@ -205,6 +208,8 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
     }
     assert set(doc["streaming"]["ratios"]) == ratio_keys
     assert doc["streaming"]["ratios"]["gateway_vs_naive"] is not None
+    low, high = doc["streaming"]["ratio_ranges"]["gateway_vs_naive"]
+    assert low <= doc["streaming"]["ratios"]["gateway_vs_naive"] <= high
     assert set(doc["streaming"]["added_ms"]["gateway"]) == {"ttft_p50_ms", "ttft_p99_ms"}
     assert doc["streaming_light"]["gateway"]["ttft_p50_ms"] > 0
     assert doc["streaming"]["gateway"]["cpu_us_per_stream"] > 0

@@ -49,18 +49,24 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-def _paired(
+def _paired_values(
     runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, op: Callable[..., float]
-) -> float | None:
-    """The median over rounds of ``op(run_a[key], run_b[key])``, rounds paired by index."""
+) -> list[float]:
+    """``op(run_a[key], run_b[key])`` for each round, rounds paired by index."""
     if a not in runs or b not in runs:
-        return None
-    values = [
+        return []
+    return [
         op(x[key], y[key])
         for x, y in zip(runs[a], runs[b], strict=False)
         if x.get(key) is not None and y.get(key) is not None and (op is not _ratio or y[key])
     ]
-    return median(values)
+
+
+def _paired(
+    runs: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, op: Callable[..., float]
+) -> float | None:
+    """The median over rounds of ``op(run_a[key], run_b[key])``."""
+    return median(_paired_values(runs, a, b, key, op))
 
 
 def _ratio(x: float, y: float) -> float:
@@ -84,15 +90,18 @@ def summarise(
         | {"errors": sum(r.get("errors", 0) for r in rounds), "rounds": rounds}
         for name, rounds in runs.items()
     }
-    out["ratios"] = {
-        f"{a}_vs_{b}": _paired(runs, a, b, rate_key, _ratio)
-        for a, b in (
-            ("nginx", "direct"),
-            ("naive", "direct"),
-            ("gateway", "direct"),
-            ("gateway", "nginx"),
-            ("gateway", "naive"),
-        )
+    pairs = (
+        ("nginx", "direct"),
+        ("naive", "direct"),
+        ("gateway", "direct"),
+        ("gateway", "nginx"),
+        ("gateway", "naive"),
+    )
+    out["ratios"] = {f"{a}_vs_{b}": _paired(runs, a, b, rate_key, _ratio) for a, b in pairs}
+    # How far single rounds strayed from the median: this machine's noise, within the run.
+    spreads = {f"{a}_vs_{b}": _paired_values(runs, a, b, rate_key, _ratio) for a, b in pairs}
+    out["ratio_ranges"] = {
+        name: [min(values), max(values)] if values else None for name, values in spreads.items()
     }
     out["added_ms"] = {
         name: {key: _paired(runs, name, "direct", key, _minus) for key in latency_keys}
@@ -149,6 +158,22 @@ def _table(title: str, block: dict[str, Any], rows: list[tuple[str, str, int]]) 
     return lines
 
 
+def _ratio_lines(rate: str, block: dict[str, Any]) -> list[str]:
+    """The throughput ratios, the gateway's with the range single rounds gave."""
+    r, ranges = block["ratios"], block.get("ratio_ranges", {})
+
+    def gateway_vs(name: str) -> str:
+        spread = ranges.get(f"gateway_vs_{name}")
+        rounds = f" (rounds {_fmt(spread[0])} to {_fmt(spread[1])})" if spread else ""
+        return f"{_fmt(r[f'gateway_vs_{name}'])}x{rounds}"
+
+    return [
+        f"  {rate} vs direct: nginx {_fmt(r['nginx_vs_direct'])}x, naive "
+        f"{_fmt(r['naive_vs_direct'])}x, gateway {_fmt(r['gateway_vs_direct'])}x",
+        f"  gateway vs nginx {gateway_vs('nginx')}, vs naive {gateway_vs('naive')}",
+    ]
+
+
 def render(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     lines = [
@@ -173,13 +198,8 @@ def render(result: dict[str, Any]) -> str:
             ("CPU us per stream", "cpu_us_per_stream", 0),
         ],
     )
-    r, added = st["ratios"], st["added_ms"]
-    lines.append(
-        f"  chunks/s vs direct: nginx {_fmt(r['nginx_vs_direct'])}x, naive "
-        f"{_fmt(r['naive_vs_direct'])}x, gateway {_fmt(r['gateway_vs_direct'])}x; gateway vs "
-        f"nginx {_fmt(r['gateway_vs_nginx'])}x, vs naive {_fmt(r['gateway_vs_naive'])}x"
-    )
-    for name, values in added.items():
+    lines += _ratio_lines("chunks/s", st)
+    for name, values in st["added_ms"].items():
         lines.append(
             f"  added TTFT by {name}: p50 {_fmt(values['ttft_p50_ms'])} ms, p99 "
             f"{_fmt(values['ttft_p99_ms'])} ms"
@@ -211,13 +231,9 @@ def render(result: dict[str, Any]) -> str:
                 ],
             ),
         ]
-        r = block["ratios"]
-        lines.append(
-            f"  requests/s vs direct: nginx {_fmt(r['nginx_vs_direct'])}x, naive "
-            f"{_fmt(r['naive_vs_direct'])}x, gateway {_fmt(r['gateway_vs_direct'])}x; gateway vs "
-            f"nginx {_fmt(r['gateway_vs_nginx'])}x, vs naive {_fmt(r['gateway_vs_naive'])}x; "
-            f"added p50: {_fmt(block['added_ms'].get('gateway', {}).get('latency_p50_ms'), 3)} ms"
-        )
+        lines += _ratio_lines("requests/s", block)
+        added_p50 = block["added_ms"].get("gateway", {}).get("latency_p50_ms")
+        lines.append(f"  latency p50 added by the gateway: {_fmt(added_p50, 3)} ms")
     mem, up = result["memory"], result["startup"]
     lines += [
         "",
