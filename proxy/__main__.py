@@ -32,18 +32,18 @@ def serve(config: Config) -> None:
 
     configure_logging(config.logging.level, config.logging.format)
     log = structlog.get_logger("proxy")
+    server = config.server
     log.info(
         "gateway_starting",
         version=__version__,
-        host=config.server.host,
-        port=config.server.port,
+        host=server.host,
+        port=server.port,
         upstream=config.upstream.url,
         upstream_kind=config.upstream.kind,
         slots=config.limits.parallel,
         api_keys=len(config.auth.api_keys),
         admin_routes=bool(config.auth.admin_key),
     )
-    server = config.server
     if server.send_timeout_s and not send_timeout_supported():
         log.warning("send_timeout_unsupported", detail="TCP_USER_TIMEOUT is Linux-only")
     try:
@@ -60,11 +60,9 @@ def serve(config: Config) -> None:
         # A client that goes away cancels its handler, which closes the upstream request,
         # so Ollama stops generating (and run_app behaves as the test server does).
         handler_cancellation=True,
-        shutdown_timeout=config.server.drain_timeout_s,
+        shutdown_timeout=server.drain_timeout_s,
         access_log=None,
-        print=lambda _msg: log.info(
-            "gateway_ready", host=config.server.host, port=config.server.port
-        ),
+        print=lambda _msg: log.info("gateway_ready", host=server.host, port=server.port),
         loop=loop,
     )
     log.info("gateway_stopped")

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -56,33 +56,34 @@ async def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert "PROXY_PORT" in err
 
 
-async def test_a_port_in_use_is_said_in_one_line_and_exits_1() -> None:
-    """No traceback: the log line names the address and the reason."""
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another socket is listening on."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        env = {"PROXY_HOST": "127.0.0.1", "PROXY_PORT": str(port), "LOG_FORMAT": "json"}
-        code, _, err = await _run("serve", env=env)
+        yield taken.getsockname()[1]
+
+
+async def test_a_port_in_use_is_said_in_one_line_and_exits_1(busy_port: int) -> None:
+    """No traceback: the log line names the address and the reason."""
+    env = {"PROXY_HOST": "127.0.0.1", "PROXY_PORT": str(busy_port), "LOG_FORMAT": "json"}
+    code, _, err = await _run("serve", env=env)
     assert code == 1
     assert "Traceback" not in err
     line = json.loads(next(line for line in err.splitlines() if "cannot_listen" in line))
-    assert (line["port"], line["error"]) == (port, "Address already in use")
+    assert (line["port"], line["error"]) == (busy_port, "Address already in use")
 
 
-async def test_the_demo_checks_its_port_before_starting_the_engine() -> None:
+async def test_the_demo_checks_its_port_before_starting_the_engine(busy_port: int) -> None:
     """A busy port fails at once, before minutes of engine start-up, whatever is installed."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.demo", "--port", str(port),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await asyncio.wait_for(process.communicate(), 20)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy.demo", "--port", str(busy_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in err.decode()
+    assert f"cannot listen on 127.0.0.1:{busy_port} (Address already in use)" in err.decode()
 
 
 @pytest.fixture
