@@ -1,6 +1,6 @@
 """The live progress line of a load test: redrawn in place on a terminal, plain lines in logs.
 
-The bar itself is ``proxy.progress.render_bar``, the one ``pull`` draws. The line is a pure
+The bar itself is ``proxy.cli.progress.render_bar``, the one ``pull`` draws. The line is a pure
 function of the counts, so what a person sees is tested without a terminal.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import TextIO
 
 from loadtest.report import OUTCOMES
-from proxy.progress import render_bar
+from proxy.cli.progress import render_bar
 
 _CLEAR_TO_EOL = "\x1b[K"
 _REDRAW_EVERY_S = 0.1

@@ -14,7 +14,7 @@ from proxy.config import Config, ConfigError, default_config_path, load_config
 
 # Client subcommands: each module's add_parser(subparsers) registers its commands with
 # set_defaults(run=<callable(args) -> int>); they run without loading the gateway's config.
-CLIENT_MODULES = ("proxy.ops", "proxy.terminal")
+CLIENT_MODULES = ("proxy.cli.ops", "proxy.cli.terminal")
 
 
 def _load(path: str | None) -> Config:

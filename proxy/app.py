@@ -32,7 +32,7 @@ from proxy.log import REQUEST_ID, request_finished
 from proxy.metrics import Metrics
 from proxy.routes import INFERENCE, ROUTES, relay_route
 
-log = structlog.get_logger("proxy.access")
+log = structlog.get_logger("proxy.admission.keys")
 
 # The gateway's own probes are neither metered as traffic nor logged at info.
 _UNMETERED = frozenset({"/health", "/health/ollama", "/metrics"})

@@ -15,15 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.client import UpstreamError, UpstreamResponse
+from proxy.admission.body import field as body_field
+from proxy.admission.body import parse_object, read_body
 from proxy.dialects import error_message
 from proxy.errors import InvalidRequestError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
-from proxy.policy import field as body_field
-from proxy.policy import parse_object, read_body
 from proxy.routes import Gated, admit, open_upstream
-from proxy.streams import Usage, iter_frames, usage_from_native, usage_from_openai
+from proxy.upstream.client import UpstreamError, UpstreamResponse
+from proxy.upstream.scanners import Usage, iter_frames, usage_from_native, usage_from_openai
 
 _OPENAI_OPTIONS = {
     "temperature": "temperature",

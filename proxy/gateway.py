@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.access import Access
-from proxy.concurrency import Gate
+from proxy.admission.body import Policy
+from proxy.admission.gate import Gate
+from proxy.admission.keys import Access
+from proxy.admission.ratelimit import Limit, RateLimiter
 from proxy.config import Config
-from proxy.health import UpstreamWatch
 from proxy.metrics import Metrics
-from proxy.policy import Policy
-from proxy.ratelimit import Limit, RateLimiter
-from proxy.upstream import Upstream
+from proxy.upstream.forward import Upstream
+from proxy.upstream.probe import UpstreamWatch
 
 
 @dataclass(slots=True)

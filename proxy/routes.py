@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.access import Principal
-from proxy.client import Body, UpstreamResponse
+from proxy.admission.body import read_body
+from proxy.admission.keys import Principal
 from proxy.errors import RateLimitedError, UnsupportedByBackendError, UpstreamTimeoutError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
-from proxy.policy import read_body
-from proxy.relay import relay
-from proxy.upstream import Attempts, forward_request_headers
+from proxy.upstream.client import Body, UpstreamResponse
+from proxy.upstream.forward import Attempts, forward_request_headers
+from proxy.upstream.relay import relay
 
 INFERENCE = "inference"  # rate limited, gated, body read and checked
 METADATA = "metadata"  # authenticated, relayed as is

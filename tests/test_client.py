@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trustme
 
-from proxy.client import (
+from proxy.upstream.client import (
     ConnectFailed,
     Pool,
     UpstreamConnection,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from proxy.concurrency import Gate
+from proxy.admission.gate import Gate
 from proxy.errors import QueueFullError, QueueTimeoutError
 from tests.conftest import FakeClock
 

@@ -18,11 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from loadtest.fake_ollama import FakeOllama
-from proxy import ops
+from proxy.cli import ops
 from proxy.__main__ import main
-from proxy.dialects import error_message
-from proxy.progress import PullProgress, format_bytes, format_rate, progress_line, render_bar
-from proxy.stack import (
+from proxy.cli.progress import PullProgress, format_bytes, format_rate, progress_line, render_bar
+from proxy.cli.stack import (
     OLLAMA_MEMORY_ADVICE,
     PROJECT_LABEL,
     ServiceState,
@@ -32,6 +31,7 @@ from proxy.stack import (
     memory_limit,
     render_table,
 )
+from proxy.dialects import error_message
 from tests.conftest import FakeClock, GatewayFactory, RunningGateway
 
 MIB = 1024 * 1024

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.ratelimit import Bucket, Limit, RateLimiter, full, settle, take
+from proxy.admission.ratelimit import Bucket, Limit, RateLimiter, full, settle, take
 from tests.conftest import FakeClock
 
 

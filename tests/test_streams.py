@@ -9,7 +9,13 @@ from unittest import mock
 import aiohttp
 import pytest
 
-from proxy.streams import JsonScanner, NdjsonScanner, SseScanner, count_content, iter_frames
+from proxy.upstream.scanners import (
+    JsonScanner,
+    NdjsonScanner,
+    SseScanner,
+    count_content,
+    iter_frames,
+)
 
 FINAL = (
     b'{"model":"llama3.2","created_at":"2026-08-21T17:05:40.132518Z","message":{"role":'

@@ -15,8 +15,8 @@ import pytest_asyncio
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
+from proxy.cli.engine import ALIAS, Engine, EngineUnavailableError, find_model, running_engine
 from proxy.config import parse_config
-from proxy.engine import ALIAS, Engine, EngineUnavailableError, find_model, running_engine
 from tests.conftest import RunningGateway, gateway_config
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]

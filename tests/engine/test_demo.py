@@ -1,4 +1,4 @@
-"""``python -m proxy.demo`` as a person runs it: engine and gateway up, answers, clean stop."""
+"""``python -m proxy.cli.demo`` as a person runs it: engine and gateway up, answers, clean stop."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.engine import ALIAS, free_port
+from proxy.cli.engine import ALIAS, free_port
 from tests.engine.conftest import engine_missing
 
 pytestmark = [
@@ -54,7 +54,7 @@ async def demo() -> AsyncIterator[Demo]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.demo",
+        "proxy.cli.demo",
         "--port",
         str(port),
         cwd=ROOT,

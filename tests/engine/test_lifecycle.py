@@ -1,4 +1,4 @@
-"""How ``proxy.engine`` handles an engine that dies, hangs or will not stop.
+"""How ``proxy.cli.engine`` handles an engine that dies, hangs or will not stop.
 
 Stand-in children play the failure (a small HTTP server in place of llama.cpp's), so these
 run on every machine, with or without the real engine.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import engine as engine_module
-from proxy.engine import REBUILD_HINT, EngineError, EngineSettings, running_engine
+from proxy.cli import engine as engine_module
+from proxy.cli.engine import REBUILD_HINT, EngineError, EngineSettings, running_engine
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from proxy.engine import ALIAS, Engine
+from proxy.cli.engine import ALIAS, Engine
 from tests.conftest import RunningGateway, gate_until, metric
 from tests.engine.conftest import PROMPT, EngineGateway
 

@@ -14,7 +14,7 @@ import pytest
 
 from loadtest.fake_ollama import FakeOllama
 from loadtest.fake_ollama.native import text_of
-from proxy.conversation import refusal, stats_line
+from proxy.cli.conversation import refusal, stats_line
 from tests.conftest import MODEL, GatewayFactory, RunningGateway
 
 pytestmark = pytest.mark.timeout(30)

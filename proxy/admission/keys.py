@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from proxy.admission.ratelimit import Limit
 from proxy.config import Config
 from proxy.errors import ForbiddenError, UnauthorizedError
-from proxy.ratelimit import Limit
 
 ANONYMOUS = "anonymous"
 ADMIN = "admin"

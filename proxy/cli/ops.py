@@ -1,6 +1,6 @@
 """Operator commands for the deployed stack: ``status``, ``pull`` (``setup-model``) and ``warmup``.
 
-``status`` lives in ``proxy.stack`` (it asks the Docker Engine); ``pull`` and ``warmup`` talk to
+``status`` lives in ``proxy.cli.stack`` (it asks the Docker Engine); ``pull`` and ``warmup`` talk to
 the gateway over HTTP. Each async core takes its URL, key and output streams, so tests drive it
 inside their own event loop (next to the gateway), while ``run_*`` wraps it in ``asyncio.run``.
 """
@@ -17,9 +17,9 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from proxy.cli.progress import PullProgress
+from proxy.cli.stack import DEFAULT_PROJECT, run_status
 from proxy.dialects import error_message
-from proxy.progress import PullProgress
-from proxy.stack import DEFAULT_PROJECT, run_status
 
 DEFAULT_URL = "http://localhost:8000"
 DEFAULT_MODEL = "qwen2.5:7b-instruct-q4_0"

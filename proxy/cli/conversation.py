@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from proxy.dialects import error_message
-from proxy.streams import iter_frames
+from proxy.upstream.scanners import iter_frames
 
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 

@@ -25,8 +25,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from proxy.cli.conversation import Conversation, ask
 from proxy.config import UpstreamConfig
-from proxy.conversation import Conversation, ask
 
 DEFAULT_URL = "http://localhost:8000"
 COMMANDS = "/model NAME, /system TEXT, /reset, /help, /exit"

@@ -14,14 +14,14 @@ from typing import Any
 
 import structlog
 
-from proxy.client import UpstreamError
+from proxy.admission.body import with_tag
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
-from proxy.policy import with_tag
-from proxy.upstream import Upstream
+from proxy.upstream.client import UpstreamError
+from proxy.upstream.forward import Upstream
 
-log = structlog.get_logger("proxy.health")
+log = structlog.get_logger("proxy.upstream.probe")
 OTHER = "other"
 NONE = "none"
 

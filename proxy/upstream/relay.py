@@ -13,13 +13,13 @@ import time
 import structlog
 from aiohttp import web
 
-from proxy.client import UpstreamError, UpstreamResponse
 from proxy.dialects import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from proxy.exchange import Exchange
-from proxy.streams import JsonScanner, NdjsonScanner, Scanner, SseScanner
-from proxy.upstream import forward_response_headers
+from proxy.upstream.client import UpstreamError, UpstreamResponse
+from proxy.upstream.forward import forward_response_headers
+from proxy.upstream.scanners import JsonScanner, NdjsonScanner, Scanner, SseScanner
 
-log = structlog.get_logger("proxy.relay")
+log = structlog.get_logger("proxy.upstream.relay")
 
 
 def scanner_for(

@@ -1,6 +1,6 @@
-"""``python -m proxy.demo``: no Docker, no Ollama. SmolLM2 on llama.cpp, the gateway in front.
+"""``python -m proxy.cli.demo``: no Docker, no Ollama. SmolLM2 on llama.cpp, the gateway in front.
 
-The engine (``proxy.engine``) runs as a child process on a loopback port; the gateway runs in
+The engine (``proxy.cli.engine``) runs as a child process on a loopback port; the gateway runs in
 this process, configured as usual (``config.yaml``, then the environment) except that its
 upstream is the engine (``upstream.kind: openai``). Ctrl-C or SIGTERM stops the gateway,
 then the engine; a second Ctrl-C while stopping is ignored so that nothing is left behind.
@@ -22,8 +22,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from proxy.config import Config, ConfigError, LimitsConfig, default_config_path, load_config
-from proxy.engine import (
+from proxy.cli.engine import (
     ALIAS,
     EngineError,
     EngineSettings,
@@ -31,6 +30,7 @@ from proxy.engine import (
     exit_cause,
     running_engine,
 )
+from proxy.config import Config, ConfigError, LimitsConfig, default_config_path, load_config
 
 DEFAULT_PORT = 8000
 # A demo stops at once; a deployed gateway drains for server.drain_timeout_s.
@@ -39,7 +39,7 @@ DEMO_DRAIN_S = 5.0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.demo",
+        prog="python -m proxy.cli.demo",
         description="SmolLM2-135M on llama.cpp with the gateway in front: no Docker, no Ollama.",
     )
     parser.add_argument(

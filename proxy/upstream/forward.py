@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import structlog
 from yarl import URL
 
-from proxy.client import (
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamConnectError, UpstreamTimeoutError
+from proxy.upstream.client import (
     Body,
     ConnectFailed,
     Pool,
@@ -25,8 +27,6 @@ from proxy.client import (
     UpstreamResponse,
     header_block,
 )
-from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamConnectError, UpstreamTimeoutError
 
 log = structlog.get_logger("proxy.upstream")
 

@@ -1,0 +1,4 @@
+"""The upstream side: the HTTP/1.1 client and its pool (``client``), opening a request with
+its retries (``forward``, ``headers``), copying the answer to the client (``relay``) while
+reading its statistics (``scanners``), and the background probe (``probe``).
+"""
