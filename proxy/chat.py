@@ -15,14 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.admission.admit import Gated, admit
 from proxy.admission.body import field as body_field
 from proxy.admission.body import parse_object, read_body
 from proxy.dialects import error_message
 from proxy.errors import InvalidRequestError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
-from proxy.routes import Gated, admit, open_upstream
 from proxy.upstream.client import UpstreamError, UpstreamResponse
+from proxy.upstream.forward import open_upstream
 from proxy.upstream.scanners import Usage, iter_frames, usage_from_native, usage_from_openai
 
 _OPENAI_OPTIONS = {
@@ -88,7 +89,7 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     estimate = len(prompt) // 4 + gateway.config.limits.default_max_tokens
     async with Gated(gateway, exchange, principal, estimate):
         upstream = await open_upstream(
-            request, gateway, exchange, method="POST", path=path,
+            request, gateway.upstream, exchange, method="POST", path=path,
             body=json.dumps(body).encode(), is_json=True,
         )  # fmt: skip
         with upstream:

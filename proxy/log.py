@@ -99,7 +99,7 @@ def request_finished(level: int, request_id: str, fields: dict[str, Any]) -> Non
     if level < _fast.threshold:
         return
     if _fast.lines is None:
-        structlog.get_logger("proxy.admission.keys").log(level, "request_finished", **fields)
+        structlog.get_logger("proxy.access").log(level, "request_finished", **fields)
         return
     line = fields.copy()
     line["event"] = "request_finished"

@@ -43,7 +43,7 @@ def sink() -> Iterator[Sink]:
 def test_the_fast_line_is_the_structlog_line(sink: Sink) -> None:
     bound = REQUEST_ID.set("abc")
     try:
-        structlog.get_logger("proxy.admission.keys").warning("request_finished", **FIELDS)
+        structlog.get_logger("proxy.access").warning("request_finished", **FIELDS)
     finally:
         REQUEST_ID.reset(bound)
     request_finished(logging.WARNING, "abc", FIELDS)

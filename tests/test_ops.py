@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from loadtest.fake_ollama import FakeOllama
-from proxy.cli import ops
 from proxy.__main__ import main
+from proxy.cli import ops
 from proxy.cli.progress import PullProgress, format_bytes, format_rate, progress_line, render_bar
 from proxy.cli.stack import (
     OLLAMA_MEMORY_ADVICE,

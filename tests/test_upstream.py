@@ -8,7 +8,8 @@ from multidict import CIMultiDict
 
 from proxy.config import UpstreamConfig
 from proxy.dialects import CHAT, OLLAMA, OPENAI, dialect_for
-from proxy.upstream.forward import Upstream, forward_request_headers, forward_response_headers
+from proxy.upstream.forward import Upstream
+from proxy.upstream.headers import forward_request_headers, forward_response_headers
 
 
 def test_request_headers_drop_hop_by_hop_credentials_and_host() -> None:

@@ -1,9 +1,10 @@
-"""``python -m proxy.cli.demo``: no Docker, no Ollama. SmolLM2 on llama.cpp, the gateway in front.
+"""``python -m proxy demo``: no Docker, no Ollama. SmolLM2 on llama.cpp, the gateway in front.
 
-The engine (``proxy.cli.engine``) runs as a child process on a loopback port; the gateway runs in
-this process, configured as usual (``config.yaml``, then the environment) except that its
-upstream is the engine (``upstream.kind: openai``). Ctrl-C or SIGTERM stops the gateway,
-then the engine; a second Ctrl-C while stopping is ignored so that nothing is left behind.
+The engine (``proxy.cli.engine``) runs as a child process on a loopback port; the gateway
+runs in this process, started as ``serve`` starts it (``proxy.server``) and configured as
+usual (``config.yaml``, then the environment) except that its upstream is the engine
+(``upstream.kind: openai``). Ctrl-C or SIGTERM stops the gateway, then the engine; a second
+Ctrl-C while stopping is ignored so that nothing is left behind.
 
 ``--check`` only starts the engine, generates one token and stops it (``just engine`` runs it).
 """
@@ -18,9 +19,8 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
-
-from aiohttp import web
+from collections.abc import Callable
+from typing import Any
 
 from proxy.cli.engine import (
     ALIAS,
@@ -37,32 +37,58 @@ DEFAULT_PORT = 8000
 DEMO_DRAIN_S = 5.0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m proxy.cli.demo",
+def add_parser(subparsers: Any) -> None:
+    """Register ``demo``."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="SmolLM2-135M on llama.cpp with the gateway in front: no Docker, no Ollama",
         description="SmolLM2-135M on llama.cpp with the gateway in front: no Docker, no Ollama.",
     )
     parser.add_argument(
         "--check", action="store_true", help="start the engine, generate one token, stop"
     )
     parser.add_argument("--host", default="127.0.0.1", help="gateway address (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gateway port (8000)")
-    parser.add_argument("--ctx", type=int, default=2048, help="engine context size (2048)")
+    parser.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help=f"gateway port ({DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--ctx", type=_at_least(256), default=2048, help="engine context size (2048)"
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_at_least(1),
         default=default_threads(),
         help=f"engine threads (CPUs, at most 4: {default_threads()})",
     )
-    return parser
+    parser.set_defaults(run=run_demo)
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError("must be between 1 and 65535")
+    return port
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}")
+        return value
+
+    return parse
 
 
 def demo_config(base: Config, engine_url: str) -> Config:
-    """The configured gateway, pointed at the engine."""
+    """The configured gateway, pointed at the engine; a demo stops without a long drain."""
     upstream = dataclasses.replace(
         base.upstream, kind="openai", url=engine_url, default_model=ALIAS, api_key=""
     )
-    return dataclasses.replace(base, upstream=upstream)
+    server = dataclasses.replace(
+        base.server, drain_timeout_s=min(base.server.drain_timeout_s, DEMO_DRAIN_S)
+    )
+    return dataclasses.replace(base, upstream=upstream, server=server)
 
 
 def next_steps(gateway_url: str, limits: LimitsConfig) -> str:
@@ -114,41 +140,31 @@ async def check(settings: EngineSettings) -> int:
 
 
 async def serve(settings: EngineSettings, config: Config) -> int:
-    from proxy.app import create_app
-    from proxy.listen import listening_sockets
     from proxy.log import configure_logging
+    from proxy.server import open_sockets, run_gateway
 
     host, port = config.server.host, config.server.port
     try:  # before the engine starts: fail early, and hold the port
-        sockets = listening_sockets(host, port, send_timeout_s=config.server.send_timeout_s)
+        sockets = open_sockets(config)
     except OSError as exc:
         return cannot_listen(host, port, exc)
     try:
         async with running_engine(settings, report=say) as engine:
             config = demo_config(config, engine.url)
             configure_logging(config.logging.level, config.logging.format)
-            runner = web.AppRunner(
-                create_app(config),
-                # A client that goes away cancels its handler, so the engine stops generating.
-                handler_cancellation=True,
-                access_log=None,
-                shutdown_timeout=min(config.server.drain_timeout_s, DEMO_DRAIN_S),
-            )
-            await runner.setup()
-            try:
-                for sock in sockets:
-                    await web.SockSite(runner, sock).start()
+
+            async def until_the_engine_exits() -> int:
                 shown = "localhost" if host in {"127.0.0.1", "0.0.0.0"} else host
                 say(next_steps(f"http://{shown}:{port}", config.limits))
-                code = await engine.wait_exited()
-                print(
-                    f"demo: the engine exited unexpectedly ({exit_cause(code)}); its last "
-                    f"output:\n{engine.tail()}",
-                    file=sys.stderr,
-                )
-                return 1
-            finally:
-                await runner.cleanup()
+                return await engine.wait_exited()
+
+            code = await run_gateway(config, sockets, until=until_the_engine_exits())
+            print(
+                f"demo: the engine exited unexpectedly ({exit_cause(code)}); its last "
+                f"output:\n{engine.tail()}",
+                file=sys.stderr,
+            )
+            return 1
     finally:
         for sock in sockets:
             sock.close()
@@ -188,24 +204,17 @@ async def run(args: argparse.Namespace, config: Config | None) -> int:
             loop.remove_signal_handler(sig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 1 <= args.port <= 65535:
-        parser.error("--port must be between 1 and 65535")
-    if args.ctx < 256 or args.threads < 1:
-        parser.error("--ctx must be at least 256 and --threads at least 1")
+def run_demo(args: argparse.Namespace) -> int:
+    """``python -m proxy demo``: the exit status."""
+    from proxy.server import run_in_loop
+
     config: Config | None = None
     if not args.check:
         try:
-            base = load_config(default_config_path(os.environ), os.environ)
-            server = dataclasses.replace(base.server, host=args.host, port=args.port)
-            config = dataclasses.replace(base, server=server)
+            base = load_config(args.config or default_config_path(os.environ), os.environ)
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
-    return asyncio.run(run(args, config))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        server = dataclasses.replace(base.server, host=args.host, port=args.port)
+        config = dataclasses.replace(base, server=server)
+    return run_in_loop(run(args, config))

@@ -1,9 +1,10 @@
-"""The one connection pool to the upstream, and opening a request on it.
+"""Forwarding a request: the one connection pool to the upstream, opening a request on it,
+and handing the answer to the relay.
 
-Opening means: send the request, wait for the response headers, retry only where it is
-safe (the connection failed, so the upstream never saw the request; or it answered 503
-"server busy" before any byte went to the client), and map the client's exceptions to the
-gateway's error types by their type, never their text.
+Opening means: send the request with the client's headers filtered, wait for the response
+headers, retry only where it is safe (the connection failed, so the upstream never saw the
+request; or it answered 503 "server busy" before any byte went to the client), and map the
+client's exceptions to the gateway's error types by their type, never their text.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+import time
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 
 import structlog
+from aiohttp import web
 from yarl import URL
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamConnectError, UpstreamTimeoutError
+from proxy.exchange import Exchange
 from proxy.upstream.client import (
     Body,
     ConnectFailed,
@@ -27,94 +31,10 @@ from proxy.upstream.client import (
     UpstreamResponse,
     header_block,
 )
+from proxy.upstream.headers import Pairs, forward_request_headers
+from proxy.upstream.relay import relay
 
 log = structlog.get_logger("proxy.upstream")
-
-# RFC 9110 section 7.6.1 hop-by-hop fields, plus what the gateway sets itself.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# Request fields never forwarded: the gateway's own credentials, the client's Host (Ollama's
-# DNS-rebinding check wants its own), a browser Origin the gateway cannot vouch for, and
-# lengths and encodings the gateway recomputes.
-_DROP_REQUEST = HOP_BY_HOP | {
-    "host",
-    "authorization",
-    "x-api-key",
-    "origin",
-    "content-length",
-    "accept-encoding",
-    "cookie",
-    "expect",  # the gateway read the body already; a 100 Continue would confuse the relay
-}
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
-
-
-# Set by the gateway itself on the way up: the client's copies never go along.
-_SET_UP = frozenset({"accept-encoding", "x-request-id", "x-forwarded-for"})
-Pairs = list[tuple[str, str]]
-
-
-def _connection_listed(headers: Iterable[tuple[str, str]]) -> set[str]:
-    """The names a ``Connection`` field lists: hop-by-hop for this message (RFC 9110 7.6.1)."""
-    listed = ",".join(value for name, value in headers if name.lower() == "connection")
-    return {name.strip().lower() for name in listed.split(",") if name.strip()}
-
-
-def forward_request_headers(
-    headers: Mapping[str, str],
-    *,
-    peer: str | None,
-    request_id: str,
-    api_key: str,
-    content_type: str | None = None,
-) -> Pairs:
-    """The client's fields minus hop-by-hop and gateway-only ones, plus forwarding facts.
-
-    Pairs, not a mapping: a field the client repeated goes along repeated. ``content_type``
-    replaces the client's.
-    """
-    items = list(headers.items())
-    dropped = _DROP_REQUEST | _SET_UP
-    if "Connection" in headers:
-        dropped = dropped | _connection_listed(items)
-    if content_type is not None:
-        dropped = dropped | {"content-type"}
-    out = [(name, value) for name, value in items if name.lower() not in dropped]
-    if content_type is not None:
-        out.append(("Content-Type", content_type))
-    # Identity: the gateway never decompresses, and it must read statistics in the body.
-    out.append(("Accept-Encoding", "identity"))
-    out.append(("X-Request-ID", request_id))
-    if peer:
-        prior = ", ".join(value for name, value in items if name.lower() == "x-forwarded-for")
-        out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
-    if api_key:
-        out.append(("Authorization", f"Bearer {api_key}"))
-    return out
-
-
-def forward_response_headers(headers: Pairs, own: Mapping[str, str]) -> Pairs:
-    """The upstream's fields minus hop-by-hop and framing ones, then the gateway's ``own``
-    (which replace any the upstream sent under the same names)."""
-    dropped = _DROP_RESPONSE
-    if own:
-        dropped = dropped | {name.lower() for name in own}
-    if any(name.lower() == "connection" for name, _ in headers):
-        dropped = dropped | _connection_listed(headers)
-    out = [(name, value) for name, value in headers if name.lower() not in dropped]
-    out.extend(own.items())
-    return out
 
 
 @dataclass(slots=True)
@@ -221,3 +141,88 @@ class Upstream:
         cfg = self.config
         delay = min(cfg.retry_max_delay_s, cfg.retry_delay_s * 2.0**attempt)
         return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not crypto
+
+
+async def forward(
+    request: web.Request,
+    upstream: Upstream,
+    exchange: Exchange,
+    body: Body,
+    *,
+    strip_usage: bool = False,
+    inference: bool = False,
+    generates: bool = False,
+) -> web.StreamResponse:
+    """Open the upstream request and relay its response."""
+    cfg = upstream.config
+    deadline = time.monotonic() + cfg.total_timeout_s if cfg.total_timeout_s else None
+    with await open_upstream(
+        request,
+        upstream,
+        exchange,
+        method=request.method,
+        path=request.path_qs,
+        body=body,
+        is_json=inference,
+        deadline=deadline,
+    ) as response:
+        if response.status >= 400:
+            exchange.fail("UpstreamStatus", f"the upstream answered {response.status}")
+        return await relay(
+            request,
+            response,
+            exchange,
+            strip_usage=strip_usage,
+            counts_usage=inference,
+            count_chunks=cfg.kind != "ollama",
+            require_end=generates,
+            deadline=deadline,
+        )
+
+
+async def open_upstream(
+    request: web.Request,
+    upstream: Upstream,
+    exchange: Exchange,
+    *,
+    method: str,
+    path: str,
+    body: Body,
+    is_json: bool = False,
+    deadline: float | None = None,
+) -> UpstreamResponse:
+    """The upstream's response (headers received); use it as ``with`` to release it.
+
+    The client's headers go along, filtered; a finished body keeps its connection for the
+    next request, while an unfinished one (the client left, the stream broke) closes it
+    at once so that Ollama stops generating.
+    """
+    cfg = upstream.config
+    headers = forward_request_headers(
+        request.headers,
+        peer=request.remote,
+        request_id=exchange.request_id,
+        api_key=cfg.api_key,
+        # Validated JSON: say so, whatever the client sent (curl -d says form-urlencoded,
+        # which Ollama ignores but OpenAI-compatible servers may not).
+        content_type="application/json" if is_json else None,
+    )
+    attempts = Attempts()
+    opening = upstream.open(method, path, headers, body, attempts)
+    try:
+        if deadline is None:
+            return await opening
+        async with asyncio.timeout_at(_loop_deadline(deadline)):
+            return await opening
+    except TimeoutError:
+        raise UpstreamTimeoutError(
+            f"the upstream did not answer within the total timeout of {cfg.total_timeout_s:g} s"
+        ) from None
+    finally:
+        exchange.retries = attempts.retries
+
+
+def _loop_deadline(deadline: float) -> float:
+    """``time.monotonic()`` and the loop clock agree on Linux; convert for other loops."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())

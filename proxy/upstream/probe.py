@@ -21,7 +21,7 @@ from proxy.metrics import Metrics
 from proxy.upstream.client import UpstreamError
 from proxy.upstream.forward import Upstream
 
-log = structlog.get_logger("proxy.upstream.probe")
+log = structlog.get_logger("proxy.probe")
 OTHER = "other"
 NONE = "none"
 

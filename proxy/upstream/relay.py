@@ -16,10 +16,10 @@ from aiohttp import web
 from proxy.dialects import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from proxy.exchange import Exchange
 from proxy.upstream.client import UpstreamError, UpstreamResponse
-from proxy.upstream.forward import forward_response_headers
+from proxy.upstream.headers import forward_response_headers
 from proxy.upstream.scanners import JsonScanner, NdjsonScanner, Scanner, SseScanner
 
-log = structlog.get_logger("proxy.upstream.relay")
+log = structlog.get_logger("proxy.relay")
 
 
 def scanner_for(

@@ -1,4 +1,4 @@
-"""``python -m proxy.cli.demo`` as a person runs it: engine and gateway up, answers, clean stop."""
+"""``python -m proxy demo`` as a person runs it: engine and gateway up, answers, clean stop."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ async def demo() -> AsyncIterator[Demo]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.cli.demo",
+        "proxy",
+        "demo",
         "--port",
         str(port),
         cwd=ROOT,

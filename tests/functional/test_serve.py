@@ -78,7 +78,7 @@ async def test_a_port_in_use_is_said_in_one_line_and_exits_1(busy_port: int) -> 
 async def test_the_demo_checks_its_port_before_starting_the_engine(busy_port: int) -> None:
     """A busy port fails at once, before minutes of engine start-up, whatever is installed."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli.demo", "--port", str(busy_port),
+        sys.executable, "-m", "proxy", "demo", "--port", str(busy_port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, err = await asyncio.wait_for(process.communicate(), 20)

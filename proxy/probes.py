@@ -1,0 +1,48 @@
+"""The gateway's own probes: ``/health`` (liveness), ``/health/ollama`` (readiness) and
+``/metrics``. None of them is rate limited, gated or metered as traffic.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aioprometheus.renderer import render
+
+from proxy import __version__
+from proxy.exchange import EXCHANGE
+from proxy.gateway import GATEWAY
+
+UNMETERED = frozenset({"/health", "/health/ollama", "/metrics"})
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Also the gate's state, for a person looking."""
+    gateway = request.app[GATEWAY]
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "upstream_up": gateway.watch.last.reachable,
+            "default_model": gateway.config.upstream.default_model,
+            "active": gateway.gate.active,
+            "queued": gateway.gate.queued,
+            "slots": gateway.gate.slots,
+        },
+        headers=request[EXCHANGE].headers,
+    )
+
+
+async def health_upstream(request: web.Request) -> web.Response:
+    """Readiness: the upstream answers and has the default model."""
+    ready, body = await request.app[GATEWAY].watch.readiness()
+    body["status"] = "ok" if ready else "unavailable"
+    return web.json_response(body, status=200 if ready else 503, headers=request[EXCHANGE].headers)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    m = gateway.metrics
+    # The gate's state as of this scrape: read here, not written on every request.
+    m.set(m.active, {}, gateway.gate.active)
+    m.set(m.queued, {}, gateway.gate.queued)
+    body, headers = render(m.registry, request.headers.getall("Accept", []))
+    return web.Response(body=body, headers={**headers, **request[EXCHANGE].headers})
