@@ -12,9 +12,13 @@ The parsers are pure: bytes in, facts out, so they are tested without a server.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
+
+from proxy.dialects import error_text
+from proxy.frames import FrameSplitter, json_object
 
 PATHS = {"chat": "/chat", "ollama": "/api/chat", "openai": "/v1/chat/completions"}
 
@@ -57,12 +61,6 @@ class Reply:
     error: str | None = None
 
 
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
-
-
 def _int(value: Any) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
@@ -100,14 +98,14 @@ def parse_document(dialect: str, body: bytes) -> Reply:
     """A non-streamed answer (or an error body)."""
     reply = Reply()
     try:
-        obj = json.loads(body)
+        obj = orjson.loads(body)
     except ValueError:
         reply.error = "the body is not JSON"
         return reply
     if not isinstance(obj, dict):
         reply.error = "the body is not a JSON object"
-    elif obj.get("error"):
-        reply.error = _error_text(obj["error"])
+    elif (error := error_text(obj)) is not None:
+        reply.error = error
     else:
         reply.content_chunks = 1 if _text(dialect, obj, streamed=False) else 0
         _apply_stats(dialect, obj, reply)
@@ -122,45 +120,29 @@ class StreamParser:
         self.dialect = dialect
         self.reply = Reply()
         self._sse = dialect == "openai"
-        self._sep = b"\n\n" if self._sse else b"\n"
-        self._pending = b""
+        self._frames = FrameSplitter(sse=self._sse)
 
     def feed(self, chunk: bytes) -> int:
         """Parse the complete frames in ``chunk``; returns how many carried content."""
-        data = self._pending + chunk
-        if self._sse:
-            data = data.replace(b"\r\n", b"\n")
-        *frames, self._pending = data.split(self._sep)
         before = self.reply.content_chunks
-        for frame in frames:
+        for frame in self._frames.feed(chunk):
             self._frame(frame)
         return self.reply.content_chunks - before
 
     def finish(self) -> None:
         """The body ended: parse what is left (a last line without its newline)."""
-        rest, self._pending = self._pending, b""
-        if rest.strip():
-            self._frame(rest)
+        for frame in self._frames.finish():
+            self._frame(frame)
 
     def _frame(self, frame: bytes) -> None:
-        if self._sse:
-            data = b"".join(
-                line[5:].strip() for line in frame.split(b"\n") if line.startswith(b"data:")
-            )
-            if data == b"[DONE]":
-                self.reply.complete = self.reply.error is None
-                return
-            frame = data
-        if not frame.strip():
+        if self._sse and frame == b"[DONE]":
+            self.reply.complete = self.reply.error is None
             return
-        try:
-            obj = json.loads(frame)
-        except ValueError:
+        obj = json_object(frame)
+        if obj is None:
             return
-        if not isinstance(obj, dict):
-            return
-        if obj.get("error"):
-            self.reply.error = _error_text(obj["error"])
+        if (error := error_text(obj)) is not None:
+            self.reply.error = error
             return
         if _text(self.dialect, obj, streamed=True):
             self.reply.content_chunks += 1

@@ -18,13 +18,13 @@ from aiohttp import web
 from proxy.admission.admit import Gated, admit
 from proxy.admission.body import field as body_field
 from proxy.admission.body import parse_object, read_body
-from proxy.dialects import error_message
+from proxy.dialects import Usage, error_message, error_text, usage_from_native, usage_from_openai
 from proxy.errors import InvalidRequestError
 from proxy.exchange import EXCHANGE, Exchange
+from proxy.frames import iter_frames, json_object
 from proxy.gateway import GATEWAY, Gateway
 from proxy.upstream.client import UpstreamError, UpstreamResponse
 from proxy.upstream.forward import open_upstream
-from proxy.upstream.scanners import Usage, iter_frames, usage_from_native, usage_from_openai
 
 _OPENAI_OPTIONS = {
     "temperature": "temperature",
@@ -69,7 +69,8 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     principal = gateway.access.identify(request)
     exchange.client = principal.name
     admit(gateway, exchange, principal)
-    obj = parse_object(await read_body(request, gateway.config.server.max_body_bytes))
+    raw = await read_body(request, gateway.config.server.max_body_bytes)
+    obj = parse_object(raw)
     prompt = body_field(obj, "prompt", str, "a string")
     if not prompt:
         raise InvalidRequestError("field 'prompt' is required: a non-empty string")
@@ -82,11 +83,12 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     clamped = gateway.policy.clamp_context(options)
     if clamped is not None:
         exchange.headers["X-Context-Length-Clamped"] = str(clamped)
+    num_predict = body_field(options, "num_predict", int, "an integer (options.num_predict)")
+    estimate = gateway.policy.token_estimate(len(raw), num_predict, generates=True)
     exchange.model = model
     path, body = upstream_request(
         gateway, model=model, prompt=prompt, system=system, stream=stream, options=options
     )
-    estimate = len(prompt) // 4 + gateway.config.limits.default_max_tokens
     async with Gated(gateway, exchange, principal, estimate):
         upstream = await open_upstream(
             request, gateway.upstream, exchange, method="POST", path=path,
@@ -115,10 +117,7 @@ async def _upstream_error(exchange: Exchange, upstream: UpstreamResponse) -> web
 
 def _stats(exchange: Exchange, usage: Usage, obj: dict[str, Any]) -> dict[str, Any]:
     """The answer's statistics, recorded on the exchange too (metrics, log line)."""
-    exchange.prompt_tokens = usage.prompt_tokens
-    exchange.completion_tokens = usage.completion_tokens
-    exchange.tokens_per_second = usage.tokens_per_second
-    exchange.load_duration_s = usage.load_duration_s
+    exchange.record_usage(usage)
 
     def seconds(key: str) -> float | None:
         value = obj.get(key)
@@ -170,12 +169,13 @@ class _Progress:
 
     def digest(self, frame: bytes) -> str:
         """Take one upstream frame; the text it carries."""
-        obj = _parse_frame(frame)
+        obj = json_object(frame)
         if obj is None:
             self.finished = self.openai and frame == b"[DONE]"
             return ""
-        if obj.get("error"):
-            self.error = str(obj["error"])
+        error = error_text(obj)
+        if error is not None:
+            self.error = error
             return ""
         self.model = obj.get("model") or self.model
         if self.openai:
@@ -256,11 +256,3 @@ async def _write(response: web.StreamResponse, exchange: Exchange, obj: dict[str
     line = json.dumps(obj).encode() + b"\n"
     exchange.bytes_out += len(line)
     await response.write(line)
-
-
-def _parse_frame(frame: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(frame)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None

@@ -2,7 +2,8 @@
 
 Error bodies before headers, and error frames after them: an ``{"error": "..."}`` NDJSON
 line as Ollama itself writes, or a ``data: {"error": {...}}`` SSE event, which the OpenAI
-SDK raises as ``APIError``.
+SDK raises as ``APIError``. The one reader of either error shape, and of either dialect's
+token statistics (``Usage``), for the gateway and its client tools alike.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from proxy.frames import json_object
 
 JSON_CONTENT_TYPE = "application/json"
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
@@ -64,17 +67,23 @@ OPENAI = Dialect("openai", openai_errors=True, sse=True)
 CHAT = Dialect("chat", openai_errors=True, sse=False)
 
 
-def error_message(body: str, fallback: str) -> str:
-    """The message of an error body in either dialect: Ollama's ``{"error": "..."}`` or
-    OpenAI's ``{"error": {"message": ...}}``; else the body's start, else ``fallback``."""
-    try:
-        parsed: Any = json.loads(body)
-    except ValueError:
-        return body.strip()[:300] or fallback
-    error = parsed.get("error") if isinstance(parsed, dict) else None
+def error_text(obj: dict[str, Any]) -> str | None:
+    """The message of a parsed body's ``error``: Ollama's ``{"error": "..."}`` or OpenAI's
+    ``{"error": {"message": ...}}`` (an error object without a message: its JSON); None
+    when the body carries no error."""
+    error = obj.get("error")
     if isinstance(error, dict):
-        error = error.get("message")
-    return str(error) if error else body.strip()[:300] or fallback
+        message = error.get("message")
+        return str(message) if message else json.dumps(error)
+    return str(error) if error else None
+
+
+def error_message(body: str, fallback: str) -> str:
+    """The message of an error body in either dialect; else the body's start, else
+    ``fallback``."""
+    obj = json_object(body.encode())
+    message = error_text(obj) if obj is not None else None
+    return message or body.strip()[:300] or fallback
 
 
 def dialect_for(path: str) -> Dialect:
@@ -84,3 +93,41 @@ def dialect_for(path: str) -> Dialect:
     if path == "/chat":
         return CHAT
     return OPENAI
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    eval_duration_s: float | None = None
+    load_duration_s: float | None = None
+    done_reason: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.completion_tokens and self.eval_duration_s:
+            return self.completion_tokens / self.eval_duration_s
+        return None
+
+
+def usage_from_native(obj: dict[str, Any]) -> Usage:
+    """Statistics from Ollama's final object; a missing field means zero (``omitempty``)."""
+    eval_ns = obj.get("eval_duration")
+    load_ns = obj.get("load_duration")
+    return Usage(
+        prompt_tokens=int(obj.get("prompt_eval_count") or 0),
+        completion_tokens=int(obj.get("eval_count") or 0),
+        eval_duration_s=eval_ns / 1e9 if isinstance(eval_ns, int | float) and eval_ns else None,
+        load_duration_s=load_ns / 1e9 if isinstance(load_ns, int | float) else None,
+        done_reason=obj.get("done_reason"),
+    )
+
+
+def usage_from_openai(obj: dict[str, Any]) -> Usage | None:
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return Usage(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+    )

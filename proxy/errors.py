@@ -1,7 +1,9 @@
 """The gateway's own errors: each type carries its status, code and metric labels.
 
 Errors are classified by type, never by message text, and rendered in one place
-(``app.error_middleware``) in the dialect of the route.
+(``middleware.exchange_middleware``) in the dialect of the route. A failure after the
+response started is not an exception: the relay ends the stream with an error frame
+(``Exchange.fail``).
 """
 
 from __future__ import annotations
@@ -112,11 +114,3 @@ class UpstreamTimeoutError(ProxyError):
     status = 504
     code = "upstream_timeout"
     error_type = "TimeoutError"
-
-
-class StreamInterruptedError(ProxyError):
-    """The upstream failed after the response headers reached the client."""
-
-    status = 502
-    code = "stream_interrupted"
-    error_type = "StreamInterrupted"

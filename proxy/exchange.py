@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.dialects import Dialect
+from proxy.dialects import Dialect, Usage
 
 
 @dataclass(slots=True)
@@ -38,6 +38,13 @@ class Exchange:
     bytes_out: int = 0
     retries: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+
+    def record_usage(self, usage: Usage) -> None:
+        """The answer's token statistics, as the upstream reported them."""
+        self.prompt_tokens = usage.prompt_tokens
+        self.completion_tokens = usage.completion_tokens
+        self.tokens_per_second = usage.tokens_per_second
+        self.load_duration_s = usage.load_duration_s
 
     def fail(self, error_type: str, message: str) -> None:
         """The upstream failed after the response started (the status is already sent)."""

@@ -24,7 +24,7 @@ from proxy.upstream.forward import forward
 
 INFERENCE = "inference"  # rate limited, gated, body read and checked
 METADATA = "metadata"  # authenticated, relayed as is
-ADMIN = "admin"  # model management: admin key only
+MANAGEMENT = "management"  # model management: the admin key only
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +45,13 @@ ROUTES: dict[tuple[str, str], RouteSpec] = {
     ("GET", "/api/ps"): RouteSpec(METADATA),
     ("GET", "/api/version"): RouteSpec(METADATA),
     ("GET", "/"): RouteSpec(METADATA),
-    ("POST", "/api/pull"): RouteSpec(ADMIN),
-    ("POST", "/api/push"): RouteSpec(ADMIN),
-    ("POST", "/api/create"): RouteSpec(ADMIN),
-    ("POST", "/api/copy"): RouteSpec(ADMIN),
-    ("DELETE", "/api/delete"): RouteSpec(ADMIN),
-    ("HEAD", "/api/blobs/{digest}"): RouteSpec(ADMIN),
-    ("POST", "/api/blobs/{digest}"): RouteSpec(ADMIN, streams_body=True),
+    ("POST", "/api/pull"): RouteSpec(MANAGEMENT),
+    ("POST", "/api/push"): RouteSpec(MANAGEMENT),
+    ("POST", "/api/create"): RouteSpec(MANAGEMENT),
+    ("POST", "/api/copy"): RouteSpec(MANAGEMENT),
+    ("DELETE", "/api/delete"): RouteSpec(MANAGEMENT),
+    ("HEAD", "/api/blobs/{digest}"): RouteSpec(MANAGEMENT),
+    ("POST", "/api/blobs/{digest}"): RouteSpec(MANAGEMENT, streams_body=True),
     ("POST", "/v1/chat/completions"): RouteSpec(INFERENCE, generates=True, openai=True),
     ("POST", "/v1/completions"): RouteSpec(INFERENCE, generates=True, openai=True),
     ("POST", "/v1/embeddings"): RouteSpec(INFERENCE, openai=True),
@@ -82,7 +82,7 @@ async def relay_route(request: web.Request) -> web.StreamResponse:
         )
     principal = gateway.access.identify(request)
     exchange.client = principal.name
-    if spec.kind == ADMIN:
+    if spec.kind == MANAGEMENT:
         gateway.access.require_admin(principal)
     if spec.kind == INFERENCE:
         return await infer(request, gateway, exchange, principal, spec)

@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from loadtest.fake_ollama import FakeOllama, FakeOllamaConfig
+from proxy.admission.gate import Gate
 from proxy.app import create_app
 from proxy.config import parse_config
 from proxy.gateway import GATEWAY, Gateway
@@ -143,26 +144,52 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+def gate_changes(gate: Gate) -> asyncio.Event:
+    """An event set whenever ``gate``'s counts may have changed: its methods that change
+    them are wrapped, on this instance only, the first time a test asks."""
+    found = getattr(gate, "_test_changed", None)
+    if found is not None:
+        return cast(asyncio.Event, found)
+    changed = asyncio.Event()
+
+    def notifying(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            finally:
+                changed.set()
+
+        return call
+
+    async def acquire(
+        client: str, _acquire: Callable[[str], Awaitable[float]] = gate.acquire
+    ) -> float:
+        try:
+            return await _acquire(client)
+        finally:
+            changed.set()
+
+    for name in ("try_enter", "leave", "release"):
+        setattr(gate, name, notifying(getattr(gate, name)))
+    gate.acquire = acquire  # type: ignore[method-assign]
+    gate._test_changed = changed  # type: ignore[attr-defined]
+    return changed
+
+
+async def until_gate(gate: Gate, predicate: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Wait until ``predicate`` holds, re-checking whenever ``gate`` changes."""
+    changed = gate_changes(gate)
+    async with asyncio.timeout(within_s):
+        while not predicate():
+            changed.clear()
+            await changed.wait()
+
+
 async def gate_until(
     running: RunningGateway, predicate: Callable[[], bool], within_s: float = 5.0
 ) -> None:
     """Wait until ``predicate`` holds, re-checking whenever the gateway's gate changes."""
-    gate = running.gateway.gate
-    changed = asyncio.Event()
-    previous = gate.on_change
-
-    def hook() -> None:
-        previous()
-        changed.set()
-
-    gate.on_change = hook
-    try:
-        async with asyncio.timeout(within_s):
-            while not predicate():
-                changed.clear()
-                await changed.wait()
-    finally:
-        gate.on_change = previous
+    await until_gate(running.gateway.gate, predicate, within_s)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$")

@@ -35,3 +35,21 @@ def test_histogram_series_counts_values_on_bucket_bounds_in_that_bucket() -> Non
         series.observe(value)
     assert series.buckets == {0.1: 1, 1.0: 3, float("inf"): 4}
     assert (series.observations, series.sum) == (4, 3.6)
+
+
+def test_the_aioprometheus_internals_the_fast_path_writes_are_still_there() -> None:
+    """``Metrics`` writes series in place through aioprometheus's ``MetricDict``: its
+    ``store`` and ``__keytransform__``. A release that changes them must fail here, by name,
+    before it miscounts in production (pyproject.toml bounds the version for that reason)."""
+    metrics = Metrics()
+    values = metrics.requests.values
+    labels = {"method": "POST", "endpoint": "/api/chat", "model": "m", "status": "success"}
+    for name in ("store", "__keytransform__"):
+        assert hasattr(values, name), f"aioprometheus's MetricDict has no {name} any more"
+    metrics.count(metrics.requests, labels, 2)
+    key = values.__keytransform__(labels)
+    assert values.store[key] == 2, "__keytransform__ no longer gives the key the store uses"
+    assert metrics.requests.get(labels) == 2, "the public API reads another value"
+    metrics.observe(metrics.duration, {"endpoint": "/api/chat", "model": "m"}, 0.3)
+    series = metrics.duration.get_value({"endpoint": "/api/chat", "model": "m"})
+    assert isinstance(series, HistogramSeries), "histograms no longer keep the series given"

@@ -95,6 +95,15 @@ class Policy:
         options["num_ctx"] = self.max_context_length
         return int(num_ctx)
 
+    def token_estimate(self, prompt_bytes: int, max_tokens: int | None, *, generates: bool) -> int:
+        """The LLM tokens a request is assumed to cost at admission, settled with the real
+        count when it ends: about four bytes of English per token, plus the completion it
+        asks for (``default_max_tokens`` when it names none; none for an embedding)."""
+        completion = 0
+        if generates:
+            completion = max_tokens if max_tokens and max_tokens > 0 else self.default_max_tokens
+        return prompt_bytes // 4 + completion
+
     def prepare(self, raw: bytes, *, openai: bool, generates: bool) -> Prepared:
         """Validate and adjust an inference body (native or OpenAI-compatible)."""
         obj = parse_object(raw)
@@ -127,12 +136,7 @@ class Policy:
             if openai
             else field(options, "num_predict", int, "an integer")
         )
-        if generates:
-            completion = max_tokens if max_tokens and max_tokens > 0 else self.default_max_tokens
-        else:
-            completion = 0
-        # About four bytes of English per token: an estimate, settled with real counts later.
-        prepared.token_estimate = len(raw) // 4 + completion
+        prepared.token_estimate = self.token_estimate(len(raw), max_tokens, generates=generates)
         if changed:
             if options:
                 obj["options"] = options

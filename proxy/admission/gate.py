@@ -42,7 +42,6 @@ class Gate:
         self.queued = 0
         self._waiters: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._service_s = 0.0
-        self.on_change: Callable[[], None] = lambda: None
 
     # -- synchronous core -------------------------------------------------------------
 
@@ -50,7 +49,6 @@ class Gate:
         """Take a free slot (True) or queue ``waiter`` (False); raise if the queue is full."""
         if self.active < self.slots and self.queued == 0:
             self.active += 1
-            self.on_change()
             return True
         queue = self._waiters.get(client)
         if self.queued >= self.max_queue or (
@@ -64,7 +62,6 @@ class Gate:
             queue = self._waiters[client] = deque()
         queue.append(waiter)
         self.queued += 1
-        self.on_change()
         return False
 
     def leave(self, client: str, waiter: asyncio.Future[None]) -> None:
@@ -76,7 +73,6 @@ class Gate:
         if not queue:
             del self._waiters[client]
         self.queued -= 1
-        self.on_change()
 
     def release(self, held_s: float | None) -> None:
         """A slot holder is done; hand the slot to the next waiter, round-robin by client.
@@ -100,7 +96,6 @@ class Gate:
             if not waiter.done():
                 waiter.set_result(None)
                 self.active += 1
-        self.on_change()
 
     def retry_after_s(self) -> int:
         """Seconds until a new request could expect a slot, from recent service times."""
@@ -119,7 +114,6 @@ class Gate:
         """Take a slot, queueing if need be; the seconds spent queued. ``release`` it."""
         if self.active < self.slots and self.queued == 0:
             self.active += 1  # the common case, without a future: try_enter's first branch
-            self.on_change()
             return 0.0
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queued_at = self._clock()

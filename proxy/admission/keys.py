@@ -19,7 +19,7 @@ from proxy.config import Config
 from proxy.errors import ForbiddenError, UnauthorizedError
 
 ANONYMOUS = "anonymous"
-ADMIN = "admin"
+ADMIN_NAME = "admin"  # how the admin key's holder is named in logs and metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +66,19 @@ class Access:
             )
             self._keys[_digest(api_key.key)] = _Entry(api_key.name, api_key.key.encode(), limit)
         admin = config.auth.admin_key
-        self._admin: _Entry | None = _Entry(ADMIN, admin.encode(), self._default) if admin else None
+        self._admin: _Entry | None = (
+            _Entry(ADMIN_NAME, admin.encode(), self._default) if admin else None
+        )
         self._trusted = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in config.server.trusted_proxies
         )
-
-    @property
-    def keys_required(self) -> bool:
-        return bool(self._keys)
 
     def identify(self, request: web.Request) -> Principal:
         """The caller, or ``UnauthorizedError`` when keys are configured and none matched."""
         key = presented_key(request)
         entry = self._match(key) if key is not None else None
         if entry is not None:
-            return Principal(entry.name, entry.name, entry.limit, is_admin=entry.name == ADMIN)
+            return Principal(entry.name, entry.name, entry.limit, is_admin=entry.name == ADMIN_NAME)
         if self._keys:
             reason = "missing API key" if key is None else "invalid API key"
             raise UnauthorizedError(

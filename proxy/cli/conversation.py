@@ -5,15 +5,14 @@ to tell the person afterwards (the stats line, or why the gateway did not answer
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import aiohttp
 
-from proxy.dialects import error_message
-from proxy.upstream.scanners import iter_frames
+from proxy.dialects import error_message, error_text
+from proxy.frames import iter_frames, json_object
 
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 
@@ -89,14 +88,11 @@ async def stream_answer(response: aiohttp.ClientResponse, out: TextIO) -> Answer
         if data == b"[DONE]":
             answer.done = answer.error is None
             break
-        try:
-            obj = json.loads(data)
-        except ValueError:
+        obj = json_object(data)
+        if obj is None:
             continue
-        if not isinstance(obj, dict):
-            continue
-        if error := obj.get("error"):
-            answer.error = str(error.get("message") if isinstance(error, dict) else error)
+        if (error := error_text(obj)) is not None:
+            answer.error = error
             break
         usage = obj.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):

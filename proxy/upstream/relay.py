@@ -175,10 +175,7 @@ async def _read(upstream: UpstreamResponse) -> bytes | Failure:
 def _record_usage(scanner: Scanner, exchange: Exchange, *, streamed: bool) -> None:
     usage = scanner.usage
     if usage is not None:
-        exchange.prompt_tokens = usage.prompt_tokens
-        exchange.completion_tokens = usage.completion_tokens
-        exchange.tokens_per_second = usage.tokens_per_second
-        exchange.load_duration_s = usage.load_duration_s
+        exchange.record_usage(usage)
     elif streamed and scanner.content_chunks and exchange.dialect.is_openai:
         # Backends that ignore stream_options.include_usage (llama-cpp-python's server)
         # send one token per content chunk: the chunk count is the completion count.

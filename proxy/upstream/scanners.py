@@ -9,70 +9,14 @@ hold those facts are parsed; the rest is searched with ``bytes.find``, which run
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, Protocol
-
 import orjson
+
+from proxy.dialects import Usage, error_text, usage_from_native, usage_from_openai
+from proxy.frames import json_object
 
 # A final Ollama line with a large ``context`` array can be hundreds of KB; Ollama's own Go
 # client allows 8 MB. Beyond this, the gateway keeps relaying but stops looking.
 MAX_SCAN_BYTES = 8 * 1024 * 1024
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    eval_duration_s: float | None = None
-    load_duration_s: float | None = None
-    done_reason: str | None = None
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        if self.completion_tokens and self.eval_duration_s:
-            return self.completion_tokens / self.eval_duration_s
-        return None
-
-
-def usage_from_native(obj: dict[str, Any]) -> Usage:
-    """Statistics from Ollama's final object; a missing field means zero (``omitempty``)."""
-    eval_ns = obj.get("eval_duration")
-    load_ns = obj.get("load_duration")
-    return Usage(
-        prompt_tokens=int(obj.get("prompt_eval_count") or 0),
-        completion_tokens=int(obj.get("eval_count") or 0),
-        eval_duration_s=eval_ns / 1e9 if isinstance(eval_ns, int | float) and eval_ns else None,
-        load_duration_s=load_ns / 1e9 if isinstance(load_ns, int | float) else None,
-        done_reason=obj.get("done_reason"),
-    )
-
-
-def usage_from_openai(obj: dict[str, Any]) -> Usage | None:
-    usage = obj.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    return Usage(
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-    )
-
-
-def _error_message(obj: dict[str, Any]) -> str | None:
-    error = obj.get("error")
-    if isinstance(error, dict):
-        return str(error.get("message") or "upstream error")
-    if error:
-        return str(error)
-    return None
-
-
-def _loads(raw: bytes) -> dict[str, Any] | None:
-    try:
-        obj = orjson.loads(raw)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 class Scanner:
@@ -115,11 +59,11 @@ class JsonScanner(Scanner):
         self.complete = True
         if self._size > MAX_SCAN_BYTES:
             return b""
-        obj = _loads(b"".join(self._parts))
+        obj = json_object(b"".join(self._parts))
         self._parts.clear()
         if obj is None:
             return b""
-        self.error = _error_message(obj)
+        self.error = error_text(obj)
         if self.error is None:
             self.usage = usage_from_openai(obj) if self._openai else usage_from_native(obj)
         return b""
@@ -151,10 +95,10 @@ class NdjsonScanner(Scanner):
     def _inspect(self, line: bytes) -> None:
         if b'"done":true' not in line and b'"error"' not in line:
             return
-        obj = _loads(line)
+        obj = json_object(line)
         if obj is None:
             return
-        error = _error_message(obj)
+        error = error_text(obj)
         if error is not None:
             self.error = error
         elif obj.get("done") is True:
@@ -272,10 +216,10 @@ class SseScanner(Scanner):
             return frame
         if self._count:
             self.content_chunks += count_content(frame, len(frame))
-        obj = _loads(frame[start:]) if b'"usage"' in frame or b'"error"' in frame else None
+        obj = json_object(frame[start:]) if b'"usage"' in frame or b'"error"' in frame else None
         if obj is None:
             return frame
-        self.error = _error_message(obj) or self.error
+        self.error = error_text(obj) or self.error
         usage = usage_from_openai(obj)
         if usage is not None and obj.get("choices") == []:
             self.usage = usage
@@ -289,33 +233,3 @@ class SseScanner(Scanner):
     def finish(self) -> bytes:
         rest, self._pending = self._pending, b""
         return rest
-
-
-class Readable(Protocol):
-    """A body read as it arrives: aiohttp's ``StreamReader``, the upstream's response."""
-
-    async def readany(self) -> bytes: ...
-
-
-async def iter_frames(content: Readable, *, sse: bool) -> AsyncIterator[bytes]:
-    """Parse a body the way a client does: its NDJSON lines, or the ``data:`` payload of each
-    SSE event (``\n\n`` or sse-starlette's ``\r\n\r\n`` between events), whatever the chunking.
-    """
-    sep = b"\n\n" if sse else b"\n"
-    pending = b""
-    while chunk := await content.readany():
-        pending += chunk
-        if sse:
-            pending = pending.replace(b"\r\n", b"\n")
-        *frames, pending = pending.split(sep)
-        for frame in frames:
-            if data := _payload(frame, sse=sse):
-                yield data
-    if data := _payload(pending, sse=sse):
-        yield data
-
-
-def _payload(frame: bytes, *, sse: bool) -> bytes:
-    if not sse:
-        return frame.strip()
-    return b"".join(line[5:].strip() for line in frame.split(b"\n") if line.startswith(b"data:"))

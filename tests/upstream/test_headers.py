@@ -1,14 +1,9 @@
-"""Header handling toward the upstream and back, backoff, and the dialects' error shapes."""
+"""Which header fields cross the gateway toward the upstream, and which come back."""
 
 from __future__ import annotations
 
-import json
-
 from multidict import CIMultiDict
 
-from proxy.config import UpstreamConfig
-from proxy.dialects import CHAT, OLLAMA, OPENAI, dialect_for
-from proxy.upstream.forward import Upstream
 from proxy.upstream.headers import forward_request_headers, forward_response_headers
 
 
@@ -70,52 +65,6 @@ def test_response_headers_keep_content_type_and_drop_framing() -> None:
         ("Content-Type", "application/x-ndjson"),
         ("X-Request-ID", "gw"),
     ]
-
-
-def test_backoff_doubles_with_jitter_and_is_capped() -> None:
-    """Each retry waits between half and all of min(cap, base x 2^n)."""
-    upstream = Upstream(
-        UpstreamConfig(retry_delay_s=1.0, retry_max_delay_s=5.0), on_retry=lambda: None
-    )
-    for attempt, full in enumerate([1.0, 2.0, 4.0, 5.0, 5.0]):
-        for _ in range(50):
-            assert full / 2 <= upstream.backoff_s(attempt) <= full
-
-
-def test_error_bodies_per_dialect() -> None:
-    """Ollama errors are a string; OpenAI's and /chat's are objects typed by status."""
-    assert json.loads(OLLAMA.error_body(404, "nope", "not_found")) == {"error": "nope"}
-    assert json.loads(OPENAI.error_body(429, "slow down", "rate_limit_exceeded")) == {
-        "error": {
-            "message": "slow down",
-            "type": "rate_limit_error",
-            "param": None,
-            "code": "rate_limit_exceeded",
-        }
-    }
-    assert json.loads(CHAT.error_body(401, "key", "invalid_api_key"))["error"]["type"] == (
-        "authentication_error"
-    )
-
-
-def test_error_frames_per_dialect() -> None:
-    """After headers: an NDJSON error line, an SSE error event, or an NDJSON OpenAI object."""
-    assert OLLAMA.error_frame("cut", "stream_interrupted") == b'{"error": "cut"}\n'
-    sse = OPENAI.error_frame("cut", "stream_interrupted")
-    assert sse.startswith(b"data: {")
-    assert sse.endswith(b"\n\n")
-    assert json.loads(sse[6:])["error"]["message"] == "cut"
-    line = CHAT.error_frame("cut", "stream_interrupted")
-    assert json.loads(line)["error"]["code"] == "stream_interrupted"
-
-
-def test_dialect_follows_the_path_prefix() -> None:
-    """/api/* and / speak Ollama; /chat has its own; everything else speaks OpenAI."""
-    assert dialect_for("/api/nope") is OLLAMA
-    assert dialect_for("/") is OLLAMA
-    assert dialect_for("/chat") is CHAT
-    assert dialect_for("/v1/nope") is OPENAI
-    assert dialect_for("/elsewhere") is OPENAI
 
 
 def test_repeated_fields_go_along_and_gateway_fields_are_not_doubled() -> None:

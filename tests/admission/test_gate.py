@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 
 from proxy.admission.gate import Gate
 from proxy.errors import QueueFullError, QueueTimeoutError
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, until_gate
 
 
 def _gate(clock: FakeClock, **kwargs: float) -> Gate:
@@ -33,14 +32,6 @@ def _gate(clock: FakeClock, **kwargs: float) -> Gate:
 async def loop() -> asyncio.AbstractEventLoop:
     """The running loop, only to make futures: the calls under test are synchronous."""
     return asyncio.get_running_loop()
-
-
-async def _until(gate: Gate, predicate: Callable[[], bool]) -> None:
-    changed = asyncio.Event()
-    gate.on_change = changed.set
-    while not predicate():
-        changed.clear()
-        await changed.wait()
 
 
 def test_free_slot_is_taken_then_waiters_queue(loop: asyncio.AbstractEventLoop) -> None:
@@ -142,7 +133,7 @@ async def test_cancelled_waiter_leaves_and_slot_passes_on() -> None:
     entered.clear()
     doomed = asyncio.create_task(hold("x"))
     survivor = asyncio.create_task(hold("y"))
-    await asyncio.wait_for(_until(gate, lambda: gate.queued == 2), 2)
+    await until_gate(gate, lambda: gate.queued == 2, within_s=2)
     doomed.cancel()
     with pytest.raises(asyncio.CancelledError):
         await doomed

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from unittest import mock
 
-import aiohttp
 import pytest
 
 from proxy.upstream.scanners import (
@@ -14,7 +11,6 @@ from proxy.upstream.scanners import (
     NdjsonScanner,
     SseScanner,
     count_content,
-    iter_frames,
 )
 
 FINAL = (
@@ -185,25 +181,3 @@ def test_json_scanner_reads_native_and_openai_bodies() -> None:
     _feed_all(error, [b'{"error":"model \'x\' not found"}'])
     assert error.error == "model 'x' not found"
     assert error.usage is None
-
-
-async def _reader(*parts: bytes) -> aiohttp.StreamReader:
-    protocol = mock.Mock(_reading_paused=False)
-    reader = aiohttp.StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())
-    for part in parts:
-        reader.feed_data(part)
-    reader.feed_eof()
-    return reader
-
-
-async def test_iter_frames_reads_sse_payloads_across_chunks_and_crlf() -> None:
-    """SSE events split anywhere, CRLF-separated, with comments: the data payloads in order."""
-    reader = await _reader(b'data: {"a":', b"1}\r\n\r\n: ping\r\n\r\ndata: [DONE]\r\n\r\n")
-    assert [frame async for frame in iter_frames(reader, sse=True)] == [b'{"a":1}', b"[DONE]"]
-
-
-async def test_iter_frames_reads_ndjson_lines_and_an_unterminated_last_line() -> None:
-    """NDJSON lines split anywhere; a last line without a newline still counts."""
-    reader = await _reader(b'{"a":1}\n{"b"', b":2}\n\n", b'{"c":3}')
-    frames = [frame async for frame in iter_frames(reader, sse=False)]
-    assert frames == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
