@@ -135,7 +135,7 @@ class StreamParser:
             self._frame(frame)
 
     def _frame(self, frame: bytes) -> None:
-        if self._sse and frame == b"[DONE]":
+        if self._sse and frame.startswith(b"[DONE]"):
             self.reply.complete = self.reply.error is None
             return
         obj = json_object(frame)

@@ -19,11 +19,12 @@ from proxy.admission.admit import Gated, admit
 from proxy.admission.body import field as body_field
 from proxy.admission.body import parse_object, read_body
 from proxy.dialects import Usage, error_message, error_text, usage_from_native, usage_from_openai
-from proxy.errors import InvalidRequestError
+from proxy.errors import InvalidRequestError, UpstreamResponseError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.frames import iter_frames, json_object
 from proxy.gateway import GATEWAY, Gateway
 from proxy.upstream.client import UpstreamError, UpstreamResponse
+from proxy.upstream.encodings import DecodedBody, UnreadableBodyError
 from proxy.upstream.forward import open_upstream
 
 _OPENAI_OPTIONS = {
@@ -95,15 +96,23 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
             body=json.dumps(body).encode(), is_json=True,
         )  # fmt: skip
         with upstream:
-            if upstream.status != 200:
-                return await _upstream_error(exchange, upstream)
-            if stream:
-                return await _stream(request, gateway, exchange, upstream)
-            return await _answer(exchange, upstream)
+            try:
+                answer = DecodedBody(upstream)
+                if upstream.status != 200:
+                    return await _upstream_error(exchange, upstream, answer)
+                if stream:
+                    return await _stream(request, gateway, exchange, answer)
+                return await _answer(exchange, answer)
+            except UnreadableBodyError as exc:
+                raise UpstreamResponseError(str(exc)) from None
+            except (TimeoutError, UpstreamError) as exc:  # before anything was sent
+                raise UpstreamResponseError(f"the upstream's answer failed: {exc}") from None
 
 
-async def _upstream_error(exchange: Exchange, upstream: UpstreamResponse) -> web.Response:
-    raw = await upstream.read()
+async def _upstream_error(
+    exchange: Exchange, upstream: UpstreamResponse, body: DecodedBody
+) -> web.Response:
+    raw = await body.read()
     message = error_message(raw.decode(errors="replace"), upstream.reason or "upstream error")
     exchange.status = upstream.status
     exchange.fail("UpstreamStatus", f"the upstream answered {upstream.status}: {message}")
@@ -134,15 +143,17 @@ def _stats(exchange: Exchange, usage: Usage, obj: dict[str, Any]) -> dict[str, A
     }
 
 
-async def _answer(exchange: Exchange, upstream: UpstreamResponse) -> web.Response:
-    obj = json.loads(await upstream.read())
+async def _answer(exchange: Exchange, body: DecodedBody) -> web.Response:
+    obj = json_object(await body.read())
+    if obj is None:
+        raise UpstreamResponseError("the upstream's answer is not a JSON object")
     if "choices" in obj:
-        choice = (obj.get("choices") or [{}])[0]
-        text = (choice.get("message") or {}).get("content") or ""
+        choice = _first(obj.get("choices"))
+        text = _text(choice.get("message"))
         done_reason = choice.get("finish_reason")
         usage = usage_from_openai(obj) or Usage()
     else:
-        text = (obj.get("message") or {}).get("content") or ""
+        text = _text(obj.get("message"))
         done_reason = obj.get("done_reason")
         usage = usage_from_native(obj)
     exchange.status = 200
@@ -153,6 +164,19 @@ async def _answer(exchange: Exchange, upstream: UpstreamResponse) -> web.Respons
         **_stats(exchange, usage, obj),
     }
     return web.json_response(answer, headers=exchange.headers)
+
+
+def _first(choices: object) -> dict[str, Any]:
+    """The first choice of an OpenAI answer, or an empty one."""
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return {}
+
+
+def _text(message: object) -> str:
+    """The ``content`` of a message or delta, if it is text."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
 
 
 @dataclass(slots=True)
@@ -169,9 +193,11 @@ class _Progress:
 
     def digest(self, frame: bytes) -> str:
         """Take one upstream frame; the text it carries."""
+        if self.openai and frame.startswith(b"[DONE]"):  # as the OpenAI SDK tests it
+            self.finished = True
+            return ""
         obj = json_object(frame)
         if obj is None:
-            self.finished = self.openai and frame == b"[DONE]"
             return ""
         error = error_text(obj)
         if error is not None:
@@ -179,15 +205,16 @@ class _Progress:
             return ""
         self.model = obj.get("model") or self.model
         if self.openai:
-            if obj.get("choices") == [] and obj.get("usage"):
-                self.stats = obj
+            if isinstance(obj.get("usage"), dict):
+                self.stats = obj  # the last usage a client would read
+            if obj.get("choices") == []:
                 return ""
-            choice = (obj.get("choices") or [{}])[0]
+            choice = _first(obj.get("choices"))
             self.done_reason = choice.get("finish_reason") or self.done_reason
-            text = str((choice.get("delta") or {}).get("content") or "")
+            text = _text(choice.get("delta"))
         else:
-            text = str((obj.get("message") or {}).get("content") or "")
-            if obj.get("done"):
+            text = _text(obj.get("message"))
+            if obj.get("done") is True:
                 self.finished = True
                 self.stats = obj
                 self.done_reason = obj.get("done_reason")
@@ -203,7 +230,7 @@ class _Progress:
 
 
 async def _stream(
-    request: web.Request, gateway: Gateway, exchange: Exchange, upstream: UpstreamResponse
+    request: web.Request, gateway: Gateway, exchange: Exchange, body: DecodedBody
 ) -> web.StreamResponse:
     progress = _Progress(openai=gateway.config.upstream.kind != "ollama")
     response = web.StreamResponse(
@@ -215,7 +242,7 @@ async def _stream(
     await response.prepare(request)
     exchange.first_byte_at = time.monotonic()
     try:
-        async for frame in iter_frames(upstream, sse=progress.openai):
+        async for frame in iter_frames(body, sse=progress.openai):
             text = progress.digest(frame)
             if progress.error is not None:
                 return await _fail(response, exchange, f"the upstream failed: {progress.error}")
@@ -226,8 +253,7 @@ async def _stream(
             if progress.finished:
                 break
     except (TimeoutError, UpstreamError) as exc:
-        message = f"the upstream stream failed ({type(exc).__name__})"
-        return await _fail(response, exchange, message)
+        return await _fail(response, exchange, f"the upstream stream failed: {exc}")
     if not progress.finished:
         return await _fail(response, exchange, "the upstream ended the stream without finishing it")
     final = {

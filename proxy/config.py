@@ -45,6 +45,8 @@ class UpstreamConfig:
     headers_timeout_s: float = 300.0
     idle_timeout_s: float = 120.0
     total_timeout_s: float = 0.0
+    keepalive_s: float = 4.0
+    max_connections: int = 64
     max_retries: int = 3
     retry_delay_s: float = 1.0
     retry_max_delay_s: float = 10.0
@@ -150,6 +152,8 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "API_TIMEOUT": ("upstream.headers_timeout_s", float),
     "IDLE_TIMEOUT": ("upstream.idle_timeout_s", float),
     "TOTAL_TIMEOUT": ("upstream.total_timeout_s", float),
+    "UPSTREAM_KEEPALIVE": ("upstream.keepalive_s", float),
+    "UPSTREAM_MAX_CONNECTIONS": ("upstream.max_connections", int),
     "MAX_RETRIES": ("upstream.max_retries", int),
     "RETRY_DELAY": ("upstream.retry_delay_s", float),
     "PROBE_INTERVAL": ("upstream.probe_interval_s", float),
@@ -293,6 +297,11 @@ def _validate(config: Config) -> None:
     for name in ("connect_timeout_s", "headers_timeout_s", "idle_timeout_s", "probe_interval_s"):
         _require(getattr(upstream, name) > 0, f"upstream.{name}: must be > 0")
     _require(upstream.total_timeout_s >= 0, "upstream.total_timeout_s: must be >= 0 (0 = off)")
+    _require(upstream.keepalive_s >= 0, "upstream.keepalive_s: must be >= 0 (0 = no reuse)")
+    _require(
+        1 <= upstream.max_connections <= 10_000,
+        "upstream.max_connections: must be between 1 and 10000",
+    )
     _require(0 <= upstream.max_retries <= 10, "upstream.max_retries: must be between 0 and 10")
     _require(upstream.retry_delay_s >= 0, "upstream.retry_delay_s: must be >= 0")
     _require(

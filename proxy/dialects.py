@@ -110,24 +110,35 @@ class Usage:
         return None
 
 
+def count(value: Any) -> int:
+    """A token count as JSON gives it; anything but a number is zero."""
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _seconds(nanoseconds: Any) -> float | None:
+    """Ollama's nanoseconds as seconds; None when absent or not a number."""
+    number = isinstance(nanoseconds, int | float) and not isinstance(nanoseconds, bool)
+    return nanoseconds / 1e9 if number else None
+
+
 def usage_from_native(obj: dict[str, Any]) -> Usage:
     """Statistics from Ollama's final object; a missing field means zero (``omitempty``)."""
-    eval_ns = obj.get("eval_duration")
-    load_ns = obj.get("load_duration")
+    done_reason = obj.get("done_reason")
     return Usage(
-        prompt_tokens=int(obj.get("prompt_eval_count") or 0),
-        completion_tokens=int(obj.get("eval_count") or 0),
-        eval_duration_s=eval_ns / 1e9 if isinstance(eval_ns, int | float) and eval_ns else None,
-        load_duration_s=load_ns / 1e9 if isinstance(load_ns, int | float) else None,
-        done_reason=obj.get("done_reason"),
+        prompt_tokens=count(obj.get("prompt_eval_count")),
+        completion_tokens=count(obj.get("eval_count")),
+        eval_duration_s=_seconds(obj.get("eval_duration")) or None,  # zero: no speed to tell
+        load_duration_s=_seconds(obj.get("load_duration")),
+        done_reason=done_reason if isinstance(done_reason, str) else None,
     )
 
 
 def usage_from_openai(obj: dict[str, Any]) -> Usage | None:
+    """Statistics from an OpenAI ``usage`` object; None when there is none."""
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
     return Usage(
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=count(usage.get("prompt_tokens")),
+        completion_tokens=count(usage.get("completion_tokens")),
     )

@@ -15,6 +15,7 @@ ERROR_TYPES = (
     "TimeoutError",
     "UpstreamStatus",
     "StreamInterrupted",
+    "BadResponse",
     "InvalidRequest",
     "InternalError",
 )
@@ -114,3 +115,12 @@ class UpstreamTimeoutError(ProxyError):
     status = 504
     code = "upstream_timeout"
     error_type = "TimeoutError"
+
+
+class UpstreamResponseError(ProxyError):
+    """The upstream answered, but with a body the gateway cannot read (not JSON, broken,
+    or in a content coding it does not decode)."""
+
+    status = 502
+    code = "bad_upstream_response"
+    error_type = "BadResponse"

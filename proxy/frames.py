@@ -1,14 +1,26 @@
-"""The two stream framings, read the way a client reads them: Ollama's NDJSON lines and the
-``data:`` payload of each SSE event. The gateway's ``/chat``, the terminal chat and the load
-test all read streams through here; the relay's scanners are the fast path that must agree.
+"""The two stream framings, read the way a client reads them: Ollama's NDJSON lines, and
+Server-Sent Events as the WHATWG HTML standard parses them ("Parsing an event stream").
+
+SSE, in short: lines end with CRLF, LF or a lone CR; a line starting with ``:`` is a
+comment; ``data`` lines of one event are joined with ``\\n``; ``event``, ``id``, ``retry``
+and unknown fields carry nothing the gateway reads; an empty line ends the event. A last
+event the stream ends without an empty line is taken as ended too, as the OpenAI SDK does
+with a final ``data: [DONE]``.
+
+The gateway's ``/chat``, the terminal chat and the load test read streams through here; the
+relay's scanners use the same event parser behind their fast path.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 def json_object(raw: bytes) -> dict[str, Any] | None:
@@ -20,36 +32,116 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+@dataclass(slots=True)
+class SseEvent:
+    """One event: where its bytes lie in the parsed region, and its data (None when the
+    event had no ``data`` line: nothing a client acts on)."""
+
+    start: int
+    end: int
+    data: bytes | None
+
+
+_PAIRS = (b"\n\n", b"\r\r", b"\n\r")
+
+
+def last_boundary(data: bytes | bytearray, start: int = 0, end: int | None = None) -> int:
+    """Where the last complete event in ``data[start:end]`` ends (just after the empty line
+    that ends it), or -1. Two line ends in a row make an empty line, and every such pair
+    contains ``\n\n``, ``\r\r`` or ``\n\r``; a CR that ends ``data`` may be half of a
+    CRLF whose LF comes next: the caller handles that LF (``is_open_cr``)."""
+    stop = len(data) if end is None else end
+    found = max(data.rfind(pair, start, stop) for pair in _PAIRS)
+    return _after_pair(data, found, stop)
+
+
+def first_boundary(data: bytes | bytearray, start: int = 0) -> int:
+    """Where the first complete event in ``data[start:]`` ends, or -1."""
+    found = [i for pair in _PAIRS if (i := data.find(pair, start)) >= 0]
+    return _after_pair(data, min(found), len(data)) if found else -1
+
+
+def _after_pair(data: bytes | bytearray, found: int, stop: int) -> int:
+    if found < 0:
+        return -1
+    after = found + 2
+    if data[found + 1] == 0x0D and after < stop and data[after] == 0x0A:
+        after += 1  # the second line end is a CRLF
+    return after
+
+
+def is_open_cr(region: bytes | bytearray) -> bool:
+    """``region`` ends with a CR that the next byte may turn into a CRLF."""
+    return region[-1:] == b"\r"
+
+
+def parse_events(region: bytes | bytearray, *, final: bool = False) -> list[SseEvent]:
+    """The events in ``region``, which ends at an event boundary (``last_boundary``), or at
+    the end of the stream when ``final``. Positions are offsets into ``region``."""
+    events: list[SseEvent] = []
+    start = 0
+    data: list[bytes] | None = None
+    pos = 0
+    size = len(region)
+    while pos < size:
+        match = _LINE_END.search(region, pos)
+        line_end, next_pos = (match.start(), match.end()) if match else (size, size)
+        if line_end == pos:  # an empty line: the event ends here
+            events.append(SseEvent(start, next_pos, b"\n".join(data) if data is not None else None))
+            start, data = next_pos, None
+        else:
+            line = bytes(region[pos:line_end])
+            if not line.startswith(b":"):
+                name, colon, value = line.partition(b":")
+                if name == b"data":
+                    if colon and value.startswith(b" "):
+                        value = value[1:]
+                    (data := data if data is not None else []).append(value)
+        pos = next_pos
+    if start < size and final:
+        events.append(SseEvent(start, size, b"\n".join(data) if data is not None else None))
+    return events
+
+
 class FrameSplitter:
     """Fed a body chunk by chunk, whatever the chunking; gives the payload of each complete
-    frame: an NDJSON line, or the ``data:`` lines of an SSE event (``\\n\\n`` or
-    sse-starlette's ``\\r\\n\\r\\n`` between events). Empty payloads are skipped."""
+    frame: an NDJSON line (stripped), or an SSE event's data. Empty payloads are skipped."""
 
-    __slots__ = ("_pending", "_sep", "_sse")
+    __slots__ = ("_pending", "_scanned", "_sse")
 
     def __init__(self, *, sse: bool) -> None:
         self._sse = sse
-        self._sep = b"\n\n" if sse else b"\n"
-        self._pending = b""
+        self._pending = bytearray()
+        self._scanned = 0  # how much of _pending was searched for an end already
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        pending = self._pending + chunk
+        pending = self._pending
+        pending += chunk
         if self._sse:
-            pending = pending.replace(b"\r\n", b"\n")
-        *frames, self._pending = pending.split(self._sep)
-        return [data for frame in frames if (data := self._payload(frame))]
+            end = last_boundary(pending, max(0, self._scanned - 2))
+        else:
+            newline = pending.rfind(b"\n", self._scanned)
+            end = newline + 1 if newline >= 0 else -1
+        if end < 0:
+            self._scanned = len(pending)
+            return []
+        region = bytes(pending[:end])
+        del pending[:end]
+        self._scanned = 0
+        return self._payloads(region, final=False)
 
     def finish(self) -> list[bytes]:
-        """The body ended: the payload of what is left (a last line without its newline)."""
-        rest, self._pending = self._pending, b""
-        data = self._payload(rest)
-        return [data] if data else []
+        """The body ended: the payload of what is left (a last frame without its end)."""
+        region = bytes(self._pending)
+        self._pending.clear()
+        self._scanned = 0
+        return self._payloads(region, final=True) if region else []
 
-    def _payload(self, frame: bytes) -> bytes:
-        if not self._sse:
-            return frame.strip()
-        lines = frame.split(b"\n")
-        return b"".join(line[5:].strip() for line in lines if line.startswith(b"data:"))
+    def _payloads(self, region: bytes, *, final: bool) -> list[bytes]:
+        if self._sse:
+            events = parse_events(region, final=final)
+            return [event.data for event in events if event.data]
+        return [line for raw in region.split(b"\n") if (line := raw.strip())]
 
 
 class Readable(Protocol):

@@ -38,7 +38,11 @@ class Gateway:
         inference_endpoints: tuple[str, ...] = (),
     ) -> Gateway:
         limits = config.limits
-        upstream = Upstream(config.upstream, on_retry=lambda: metrics.count(metrics.retries, {}))
+        upstream = Upstream(
+            config.upstream,
+            on_retry=lambda: metrics.count(metrics.retries, {}),
+            slots=limits.parallel,
+        )
         gate = Gate(
             slots=limits.parallel,
             max_queue=limits.max_queue,

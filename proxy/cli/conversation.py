@@ -85,7 +85,7 @@ async def stream_answer(response: aiohttp.ClientResponse, out: TextIO) -> Answer
     """Print the answer's tokens as they arrive and collect what the stream said."""
     answer = Answer()
     async for data in iter_frames(response.content, sse=True):
-        if data == b"[DONE]":
+        if data.startswith(b"[DONE]"):
             answer.done = answer.error is None
             break
         obj = json_object(data)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-import time
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 
@@ -27,6 +26,8 @@ from proxy.upstream.client import (
     Body,
     ConnectFailed,
     Pool,
+    UploadStalled,
+    UpstreamDisconnected,
     UpstreamError,
     UpstreamResponse,
     header_block,
@@ -47,8 +48,15 @@ class Attempts:
 class Upstream:
     """Owns the connection pool to the upstream server."""
 
-    def __init__(self, config: UpstreamConfig, on_retry: Callable[[], None]) -> None:
+    # Connections beyond the gate's slots, so listing and info routes, which take no slot,
+    # always have some.
+    SPARE_CONNECTIONS = 16
+
+    def __init__(
+        self, config: UpstreamConfig, on_retry: Callable[[], None], *, slots: int = 1
+    ) -> None:
         self.config = config
+        self.max_connections = max(config.max_connections, slots + self.SPARE_CONNECTIONS)
         self.base = URL(config.url.rstrip("/"))
         self._prefix = self.base.raw_path.rstrip("/")  # an upstream mounted under a path
         self._on_retry = on_retry
@@ -68,6 +76,8 @@ class Upstream:
             base.port or (443 if base.scheme == "https" else 80),
             tls=ssl.create_default_context() if base.scheme == "https" else None,
             connect_timeout_s=self.config.connect_timeout_s,
+            keepalive_s=self.config.keepalive_s,
+            max_connections=self.max_connections,
         )
 
     async def close(self) -> None:
@@ -100,6 +110,11 @@ class Upstream:
         head = header_block(headers)
         # A streamed body (a model blob) can be sent once only.
         tries = 1 if isinstance(body, AsyncIterable) else cfg.max_retries + 1
+
+        def resent() -> None:  # the pool sent an idempotent request again, on a new connection
+            attempts.retries += 1
+            self._on_retry()
+
         for attempt in range(tries):
             last = attempt == tries - 1
             try:
@@ -108,6 +123,7 @@ class Upstream:
                 response = await self.pool.request(
                     method, target, head, body,
                     headers_timeout_s=cfg.headers_timeout_s, idle_timeout_s=cfg.idle_timeout_s,
+                    on_resend=resent,
                 )  # fmt: skip
             except ConnectFailed as exc:
                 # Connect failed: the upstream never saw this request, so retrying is safe.
@@ -116,17 +132,23 @@ class Upstream:
                     raise UpstreamConnectError(
                         f"cannot connect to the upstream at {self.base}: {exc}"
                     ) from exc
+            except UploadStalled as exc:
+                log.warning("upstream_upload_stalled", timeout_s=cfg.idle_timeout_s)
+                raise UpstreamTimeoutError(str(exc)) from exc
             except TimeoutError as exc:
                 log.warning("upstream_headers_timed_out", timeout_s=cfg.headers_timeout_s)
                 raise UpstreamTimeoutError(
                     f"the upstream sent no response headers within {cfg.headers_timeout_s:g} s"
                 ) from exc
-            except UpstreamError as exc:
-                # The request may have reached the upstream: never retried.
+            except UpstreamDisconnected as exc:
+                # The request may have reached the upstream (a POST is never sent twice).
                 log.warning("upstream_request_failed", error=type(exc).__name__)
                 raise UpstreamConnectError(
                     f"the upstream closed the connection before answering ({exc})"
                 ) from exc
+            except UpstreamError as exc:
+                log.warning("upstream_request_failed", error=type(exc).__name__)
+                raise UpstreamConnectError(str(exc)) from exc
             else:
                 if response.status != 503 or last:
                     return response
@@ -154,8 +176,6 @@ async def forward(
     generates: bool = False,
 ) -> web.StreamResponse:
     """Open the upstream request and relay its response."""
-    cfg = upstream.config
-    deadline = time.monotonic() + cfg.total_timeout_s if cfg.total_timeout_s else None
     with await open_upstream(
         request,
         upstream,
@@ -164,7 +184,6 @@ async def forward(
         path=request.path_qs,
         body=body,
         is_json=inference,
-        deadline=deadline,
     ) as response:
         if response.status >= 400:
             exchange.fail("UpstreamStatus", f"the upstream answered {response.status}")
@@ -174,9 +193,8 @@ async def forward(
             exchange,
             strip_usage=strip_usage,
             counts_usage=inference,
-            count_chunks=cfg.kind != "ollama",
+            count_chunks=upstream.config.kind != "ollama",
             require_end=generates,
-            deadline=deadline,
         )
 
 
@@ -189,13 +207,13 @@ async def open_upstream(
     path: str,
     body: Body,
     is_json: bool = False,
-    deadline: float | None = None,
 ) -> UpstreamResponse:
     """The upstream's response (headers received); use it as ``with`` to release it.
 
     The client's headers go along, filtered; a finished body keeps its connection for the
     next request, while an unfinished one (the client left, the stream broke) closes it
-    at once so that Ollama stops generating.
+    at once so that Ollama stops generating. ``upstream.total_timeout_s``, counted from
+    here, bounds the whole response: the retries, the headers and the body.
     """
     cfg = upstream.config
     headers = forward_request_headers(
@@ -209,20 +227,19 @@ async def open_upstream(
     )
     attempts = Attempts()
     opening = upstream.open(method, path, headers, body, attempts)
+    total_s = cfg.total_timeout_s
     try:
-        if deadline is None:
+        if not total_s:
             return await opening
-        async with asyncio.timeout_at(_loop_deadline(deadline)):
-            return await opening
-    except TimeoutError:
-        raise UpstreamTimeoutError(
-            f"the upstream did not answer within the total timeout of {cfg.total_timeout_s:g} s"
-        ) from None
+        deadline = asyncio.get_running_loop().time() + total_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await opening
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                f"the upstream did not answer within the total timeout of {total_s:g} s"
+            ) from None
     finally:
         exchange.retries = attempts.retries
-
-
-def _loop_deadline(deadline: float) -> float:
-    """``time.monotonic()`` and the loop clock agree on Linux; convert for other loops."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (deadline - time.monotonic())
+    response.set_deadline(deadline, total_s)
+    return response

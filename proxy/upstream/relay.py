@@ -1,9 +1,16 @@
 """Copying an upstream response to the client: status, filtered headers, the body stream.
 
-Each chunk is written as it arrives (``readany`` coalesces what is already buffered, and
-``write`` waits when the client reads slowly, so backpressure reaches the upstream). When
-the upstream fails after the headers went out, the stream ends with an error frame in the
-client's dialect, never with a fake ``done: true`` or ``[DONE]``.
+The relay is transparent: for every upstream response that is complete at the HTTP level,
+the client gets exactly the upstream's body bytes, except only the usage the gateway asked
+for on its behalf, and what the gateway records is what a client's parser reads from those
+bytes. Each chunk is written as it arrives (``readany`` coalesces what is already
+buffered, and ``write`` waits when the client reads slowly, so backpressure reaches the
+upstream).
+
+Only a message the upstream cut short (the connection lost before the last chunk, before
+``Content-Length``, or a timeout) gets something of the gateway's: a stream ends with an
+error frame in the client's dialect, never a fake ``done: true`` or ``[DONE]``; a
+non-streamed or compressed body, which cannot carry one, ends with the connection cut.
 """
 
 from __future__ import annotations
@@ -16,8 +23,15 @@ from aiohttp import web
 from proxy.dialects import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from proxy.exchange import Exchange
 from proxy.upstream.client import UpstreamError, UpstreamResponse
+from proxy.upstream.encodings import decoder_for
 from proxy.upstream.headers import forward_response_headers
-from proxy.upstream.scanners import JsonScanner, NdjsonScanner, Scanner, SseScanner
+from proxy.upstream.scanners import (
+    DecodingScanner,
+    JsonScanner,
+    NdjsonScanner,
+    Scanner,
+    SseScanner,
+)
 
 log = structlog.get_logger("proxy.relay")
 
@@ -26,19 +40,30 @@ def scanner_for(
     content_type: str,
     *,
     status: int,
+    content_encoding: str,
     strip_usage: bool,
     openai: bool,
     counts_usage: bool,
     count_chunks: bool,
 ) -> Scanner:
-    """Pick how to read a body from the response's Content-Type, not the request's Accept."""
+    """Pick how to read a body from the response's Content-Type, not the request's Accept.
+
+    A compressed body is relayed as it came: a decoded copy is read (nothing stripped),
+    or, in a coding the gateway cannot decode, nothing is read and usage stays unknown.
+    """
+    plain = content_encoding == "identity"
     if content_type == NDJSON_CONTENT_TYPE and status == 200:
-        return NdjsonScanner()
-    if content_type == SSE_CONTENT_TYPE and status == 200:
-        return SseScanner(strip_usage=strip_usage, count_chunks=count_chunks)
-    if content_type == JSON_CONTENT_TYPE and counts_usage:
-        return JsonScanner(openai=openai)
-    return Scanner()
+        scanner: Scanner = NdjsonScanner()
+    elif content_type == SSE_CONTENT_TYPE and status == 200:
+        scanner = SseScanner(strip_usage=strip_usage and plain, count_chunks=count_chunks)
+    elif content_type == JSON_CONTENT_TYPE and counts_usage:
+        scanner = JsonScanner(openai=openai)
+    else:
+        return Scanner()
+    if plain:
+        return scanner
+    decompressor = decoder_for(content_encoding)
+    return DecodingScanner(scanner, decompressor()) if decompressor is not None else Scanner()
 
 
 def is_stream(content_type: str) -> bool:
@@ -54,20 +79,21 @@ async def relay(
     counts_usage: bool = False,
     count_chunks: bool = False,
     require_end: bool = False,
-    deadline: float | None = None,
 ) -> web.StreamResponse:
     """Relay ``upstream`` to the client and record what the body said in ``exchange``.
 
     ``counts_usage``: an inference answer, whose statistics are read even when it is not
     streamed; ``count_chunks``: its upstream may send no usage in streams, so count content
-    chunks. ``require_end``: a generation stream must end with ``done: true`` or ``[DONE]``;
-    one that just stops was cut short. (Pull progress ends with a status line instead.)
+    chunks. ``require_end``: a generation stream ends with ``done: true`` or ``[DONE]``; one
+    that ends without is recorded as failed, its bytes relayed as they came. (Pull progress
+    ends with a status line instead.)
     """
     content_type = upstream.content_type
     streamed = is_stream(content_type)
     scanner = scanner_for(
         content_type,
         status=upstream.status,
+        content_encoding=upstream.content_encoding,
         strip_usage=strip_usage,
         openai=exchange.dialect.is_openai,
         counts_usage=counts_usage,
@@ -86,25 +112,19 @@ async def relay(
         await response.write_eof()
         return response
 
-    failure, last = await _copy(
-        upstream,
-        response,
-        scanner,
-        exchange,
-        streamed=streamed,
-        deadline=deadline,
-    )
-    if failure is None:
-        _record_usage(scanner, exchange, streamed=streamed)
-        if scanner.error is not None:
-            # The upstream's own error frame was already relayed in the client's dialect.
-            exchange.fail("StreamInterrupted", scanner.error)
-        elif require_end and streamed and not scanner.complete and upstream.status == 200:
-            failure = ("StreamInterrupted", "the upstream ended the stream without finishing it")
+    failure, last = await _copy(upstream, response, scanner, exchange, streamed=streamed)
     if failure is not None:
-        await _interrupted(request, response, exchange, failure, streamed=streamed)
-    else:
-        await response.write_eof(last)
+        # An error frame can be added to a plain stream only: never into compressed bytes.
+        framed = streamed and upstream.content_encoding == "identity"
+        await _interrupted(request, response, exchange, failure, streamed=framed)
+        return response
+    _record_usage(scanner, exchange, streamed=streamed)
+    if scanner.error is not None:
+        # The upstream's own error frame was relayed; it is the outcome.
+        exchange.fail("StreamInterrupted", scanner.error)
+    elif require_end and streamed and scanner.readable and not scanner.complete:
+        exchange.fail("StreamInterrupted", "the upstream ended the stream without finishing it")
+    await response.write_eof(last)
     return response
 
 
@@ -125,7 +145,6 @@ async def _copy(
     exchange: Exchange,
     *,
     streamed: bool,
-    deadline: float | None,
 ) -> tuple[Failure | None, bytes]:
     """The hot loop: read what the upstream has, write it, until EOF or a failure.
 
@@ -137,28 +156,27 @@ async def _copy(
     while True:
         chunk = await _read(upstream)
         if isinstance(chunk, tuple):
-            if scanner.complete:
-                break  # the upstream had said all it had to: only its framing broke
+            if held:
+                exchange.bytes_out += len(held)
+                await response.write(held)
             return chunk, b""
         if not chunk:
             break
-        now = time.monotonic()
         if exchange.first_chunk_at is None:
-            exchange.first_chunk_at = now
-        if deadline is not None and now > deadline:
-            return ("TimeoutError", "the response took longer than the total timeout"), b""
+            exchange.first_chunk_at = time.monotonic()
         out = scanner.feed(chunk)
         if out:
-            exchange.bytes_out += len(out)
             if held:
+                exchange.bytes_out += len(held)
                 await response.write(held)
                 held = b""
             if streamed and not scanner.complete:
+                exchange.bytes_out += len(out)
                 await response.write(out)
             else:
                 held = out
     tail = scanner.finish()
-    exchange.bytes_out += len(tail)
+    exchange.bytes_out += len(held) + len(tail)
     return None, held + tail
 
 
@@ -167,7 +185,7 @@ async def _read(upstream: UpstreamResponse) -> bytes | Failure:
     try:
         return await upstream.readany()
     except TimeoutError as exc:
-        return "TimeoutError", str(exc)  # the client's: how long the upstream was silent
+        return "TimeoutError", str(exc)  # the client's: the upstream's silence, or the total
     except UpstreamError as exc:
         return "StreamInterrupted", f"the upstream connection failed: {exc}"
 

@@ -1,26 +1,53 @@
 """Reading a relayed body for its statistics without slowing it down.
 
 A scanner sees every upstream chunk on its way to the client. It returns the bytes to
-forward (unchanged, except for the usage frames the gateway asked for on the client's
-behalf), and it learns how the body ended: the final statistics, a proper end of stream
-(``done: true`` or ``data: [DONE]``), or an in-stream error. Only the few lines that can
-hold those facts are parsed; the rest is searched with ``bytes.find``, which runs in C.
+forward, unchanged except for the usage the gateway asked for on the client's behalf, and
+it learns what a client's parser learns from the same bytes: the final statistics, the end
+of the stream (``done: true`` or ``data: [DONE]``), or an in-stream error.
+
+The decisions are made by real parses (``orjson``; the WHATWG event parser in
+``proxy.frames``). Byte searches, which run in C, only skip what cannot matter: a stretch
+without any of the markers a deciding line or event must contain (its key, ``[DONE]``, or
+a ``\\u00XX`` escape that could spell a key in disguise) is never parsed.
 """
 
 from __future__ import annotations
 
+import zlib
+
 import orjson
 
 from proxy.dialects import Usage, error_text, usage_from_native, usage_from_openai
-from proxy.frames import json_object
+from proxy.frames import first_boundary, is_open_cr, json_object, last_boundary, parse_events
+from proxy.upstream.encodings import Decompressor
 
 # A final Ollama line with a large ``context`` array can be hundreds of KB; Ollama's own Go
-# client allows 8 MB. Beyond this, the gateway keeps relaying but stops looking.
+# client allows 8 MB. A line or event beyond this is relayed, but not read.
 MAX_SCAN_BYTES = 8 * 1024 * 1024
+_ESCAPE = b"\\u00"
+_LETTER_HIGH_NIBBLES = b"4567"  # \u0040-\u007f: every ASCII letter, escaped
+
+
+def has_marker(data: bytes | bytearray, markers: tuple[bytes, ...], start: int = 0) -> int:
+    """Where the first of ``markers``, or an escaped ASCII letter, is in ``data[start:]``;
+    -1 when there is none. A key can only hide from a plain search behind an escape."""
+    first = -1
+    for marker in markers:
+        i = data.find(marker, start)
+        if i >= 0 and (first < 0 or i < first):
+            first = i
+    i = data.find(_ESCAPE, start)
+    while i >= 0 and (first < 0 or i < first):
+        if data[i + 4 : i + 5] and data[i + 4] in _LETTER_HIGH_NIBBLES:
+            return i
+        i = data.find(_ESCAPE, i + 4)
+    return first
 
 
 class Scanner:
-    """Base: forward everything, learn nothing. Subclasses look for statistics."""
+    """Base: forward everything, learn nothing (a body it cannot read)."""
+
+    readable = False  # whether the body could be read at all (false: usage unknown)
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
@@ -33,8 +60,11 @@ class Scanner:
 
     def finish(self) -> bytes:
         """Called at upstream EOF; returns any bytes still held back."""
-        self.complete = True
         return b""
+
+    def _error(self, obj: dict[str, object]) -> None:
+        if self.error is None:  # the first error is the one a client raises
+            self.error = error_text(obj)
 
 
 class JsonScanner(Scanner):
@@ -42,6 +72,8 @@ class JsonScanner(Scanner):
 
     The body is still forwarded chunk by chunk; a copy is kept to parse at the end.
     """
+
+    readable = True
 
     def __init__(self, *, openai: bool) -> None:
         super().__init__()
@@ -63,173 +95,304 @@ class JsonScanner(Scanner):
         self._parts.clear()
         if obj is None:
             return b""
-        self.error = error_text(obj)
+        self._error(obj)
         if self.error is None:
             self.usage = usage_from_openai(obj) if self._openai else usage_from_native(obj)
         return b""
 
 
+_NDJSON_MARKERS = (b'"done"', b'"error"')
+
+
 class NdjsonScanner(Scanner):
-    """Ollama's native stream: one JSON object per line, statistics on the ``done`` line."""
+    """Ollama's native stream: one JSON object per line, statistics on the ``done`` line.
+
+    Whole lines go out as they complete; a line in progress is held back (up to
+    ``MAX_SCAN_BYTES``, each byte copied once however the line is split), so that an error
+    line the gateway may have to add never lands in the middle of one.
+    """
+
+    readable = True
 
     def __init__(self) -> None:
         super().__init__()
-        self._pending = b""
+        self._line = bytearray()  # the line in progress
+        self._too_long = False  # relaying a line too long to read, until its newline
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
-        end = data.rfind(b"\n")
-        if end < 0:
-            self._hold(data)
-            return chunk
-        self.content_chunks += data.count(b"\n", 0, end + 1)
-        if data.find(b'"done":true', 0, end) >= 0 or data.find(b'"error"', 0, end) >= 0:
-            for line in data[:end].split(b"\n"):
-                self._inspect(line)
-        self._hold(data[end + 1 :])
-        return chunk
+        if self._too_long:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                return chunk
+            self._too_long = False
+            rest = chunk[newline + 1 :]
+            return chunk[: newline + 1] + self.feed(rest) if rest else chunk
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            return self._hold(chunk)
+        line = self._line
+        if line:
+            first = chunk.find(b"\n")
+            line += chunk[:first]
+            self._inspect(bytes(line))
+            if first < last and has_marker(chunk, _NDJSON_MARKERS, first + 1) >= 0:
+                self._inspect_lines(chunk[first + 1 : last])
+            out = bytes(line) + chunk[first : last + 1]
+            line.clear()
+        else:
+            if has_marker(chunk, _NDJSON_MARKERS) >= 0:
+                self._inspect_lines(chunk[:last])
+            out = chunk if last == len(chunk) - 1 else chunk[: last + 1]
+        if last < len(chunk) - 1:
+            line += chunk[last + 1 :]
+        self.content_chunks += out.count(b"\n")
+        return out
 
-    def _hold(self, tail: bytes) -> None:
-        self._pending = tail if len(tail) <= MAX_SCAN_BYTES else b""
+    def finish(self) -> bytes:
+        last = bytes(self._line)  # a last line without its newline
+        self._line.clear()
+        self.content_chunks += bool(last.strip())
+        self._inspect(last)
+        return last
+
+    def _hold(self, part: bytes) -> bytes:
+        self._line += part
+        if len(self._line) <= MAX_SCAN_BYTES:
+            return b""
+        # Too long to hold or read: relay it unread, up to its newline.
+        out = bytes(self._line)
+        self._line.clear()
+        self._too_long = True
+        return out
+
+    def _inspect_lines(self, lines: bytes) -> None:
+        for line in lines.split(b"\n"):
+            self._inspect(line)
 
     def _inspect(self, line: bytes) -> None:
-        if b'"done":true' not in line and b'"error"' not in line:
+        if has_marker(line, _NDJSON_MARKERS) < 0:
             return
         obj = json_object(line)
         if obj is None:
             return
-        error = error_text(obj)
-        if error is not None:
-            self.error = error
-        elif obj.get("done") is True:
+        self._error(obj)
+        if obj.get("done") is True:
             self.complete = True
             self.content_chunks -= 1  # the statistics line carries no new token
             self.usage = usage_from_native(obj)
 
-    def finish(self) -> bytes:
-        if self._pending.strip():
-            self._inspect(self._pending)
-        self._pending = b""
-        return b""
 
-
-_CONTENT_KEYS = (b'"content":', b'"text":')
-
-
-_MARKERS = (b'"usage"', b'"error"', b"[DONE]")
-
-
-def count_content(data: bytes, end: int) -> int:
-    """Frames' worth of non-empty ``content``/``text`` values in ``data[:end]``.
-
-    Inside a JSON string a quote is always escaped, so a bare ``"content":`` is a key.
-    Python servers write ``": "`` with a space, Go servers without.
-    """
-    count = 0
-    for key in _CONTENT_KEYS:
-        i = data.find(key, 0, end)
-        while i >= 0:
-            j = i + len(key)
-            if data[j : j + 1] == b" ":
-                j += 1
-            if data[j : j + 1] == b'"' and data[j + 1 : j + 2] not in (b'"', b""):
-                count += 1
-            i = data.find(key, j, end)
-    return count
+_SSE_MARKERS = (b"usage", b"error", b"[DONE]")
 
 
 class SseScanner(Scanner):
-    """OpenAI-style SSE: ``data: {json}`` frames ending with ``data: [DONE]``.
+    """OpenAI-style SSE: ``data: {json}`` events ending with ``data: [DONE]``.
 
-    With ``strip_usage`` the gateway asked for ``stream_options.include_usage`` on the
-    client's behalf, so it drops the usage-only chunk (``choices: []``) and the zeroed
-    per-chunk ``usage`` of ``/v1/completions`` before they reach the client. Frames end in
-    a blank line, ``\n\n`` from Go servers and ``\r\n\r\n`` from sse-starlette.
+    Whole events go out as they complete; an event in progress is held back (up to
+    ``MAX_SCAN_BYTES``). With ``strip_usage`` the gateway asked for
+    ``stream_options.include_usage`` on the client's behalf, so the usage-only event
+    (``choices: []``) is dropped and the zeroed per-chunk ``usage`` of ``/v1/completions``
+    removed before they reach the client. ``count_chunks``: count events with content, for
+    servers that send no usage in streams.
     """
+
+    readable = True
 
     def __init__(self, *, strip_usage: bool, count_chunks: bool = True) -> None:
         super().__init__()
         self._strip = strip_usage
-        # Counting content chunks is the fallback for servers that send no usage; Ollama
-        # always does when asked, so its streams skip the count.
         self._count = count_chunks
-        self._pending = b""
-        self._sep = b""
+        self._pending = bytearray()  # the event in progress
+        self._searched = 0  # how much of _pending holds no event boundary
+        self._too_long = False  # the event in progress outgrew MAX_SCAN_BYTES: not read
+        self._tail = b""  # the last bytes of that event, where its end may have begun
+        self._drop_lf = False  # a dropped event ended in a CR: an LF right after is its own
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
-        if not self._sep:
-            if b"\r\n\r\n" in data:
-                self._sep = b"\r\n\r\n"
-            elif b"\n\n" in data:
-                self._sep = b"\n\n"
-            else:
-                self._hold(data)
-                return b""
-        sep = self._sep
-        if data.endswith(sep):
-            # Whole frames, the usual read: no tail to hold, no slicing.
-            end = len(data)
-            self._pending = b""
+        if self._drop_lf:
+            self._drop_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if self._too_long:
+            return self._skip(chunk)
+        if not self._pending:
+            data: bytes | bytearray = chunk
+            search_from = 0
         else:
-            end = data.rfind(sep)
-            if end < 0:
-                self._hold(data)
-                return b""
-            end += len(sep)
-            self._hold(data[end:])
-        # Frames before the first that can say something (usage, an error, the end) pass
-        # through as they are; only from that frame on is the data split and looked at.
-        cut = self._plain_prefix(data, end, sep)
-        if self._count and cut:
-            self.content_chunks += count_content(data, cut)
-        if cut == len(data):
-            return data  # nothing to look at, nothing held back
-        out = [data[:cut]] if cut else []
-        if cut < end:
-            for frame in data[cut : end - len(sep)].split(sep):
-                kept = self._filter(frame)
-                if kept is not None:
-                    out.append(kept + sep)
-        return b"".join(out)
-
-    def _hold(self, tail: bytes) -> None:
-        self._pending = tail if len(tail) <= MAX_SCAN_BYTES else b""
-
-    @staticmethod
-    def _plain_prefix(data: bytes, end: int, sep: bytes) -> int:
-        """Where the first frame that mentions usage, an error or [DONE] starts (or end)."""
-        find = data.find
-        no_usage = find(b'"usage"', 0, end) < 0
-        if no_usage and find(b'"error"', 0, end) < 0 and find(b"[DONE]", 0, end) < 0:
-            return end  # most chunks: three finds, no list
-        marks = [i for marker in _MARKERS if (i := find(marker, 0, end)) >= 0]
-        boundary = data.rfind(sep, 0, min(marks))
-        return boundary + len(sep) if boundary >= 0 else 0
-
-    def _filter(self, frame: bytes) -> bytes | None:
-        """The frame to forward, rewritten or dropped where usage must not reach the client."""
-        start = frame.find(b"{")
-        if start < 0:
-            if frame.startswith(b"data:") and frame[5:].strip() == b"[DONE]":
-                self.complete = True
-            return frame
-        if self._count:
-            self.content_chunks += count_content(frame, len(frame))
-        obj = json_object(frame[start:]) if b'"usage"' in frame or b'"error"' in frame else None
-        if obj is None:
-            return frame
-        self.error = error_text(obj) or self.error
-        usage = usage_from_openai(obj)
-        if usage is not None and obj.get("choices") == []:
-            self.usage = usage
-            return None if self._strip else frame
-        if usage is not None and self._strip:
-            # /v1/completions repeats a zeroed usage on every chunk when usage was asked for.
-            del obj["usage"]
-            return frame[:start] + orjson.dumps(obj)
-        return frame
+            self._pending += chunk
+            data = self._pending
+            search_from = max(0, self._searched - 2)
+        end = last_boundary(data, search_from)
+        if end < 0:
+            return self._hold(data, chunk)
+        out = self._region(bytes(data if end == len(data) else data[:end]), final=False)
+        if data is self._pending:
+            del self._pending[:end]
+        elif end < len(data):
+            self._pending += data[end:]
+        self._searched = len(self._pending)
+        return out
 
     def finish(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return rest
+        region = bytes(self._pending)
+        self._pending.clear()
+        return self._region(region, final=True) if region else b""
+
+    def _hold(self, data: bytes | bytearray, chunk: bytes) -> bytes:
+        """No event ended in this chunk: keep it for later (and, stripping, hold it back)."""
+        if data is not self._pending:
+            self._pending += chunk
+        self._searched = len(self._pending)
+        if len(self._pending) <= MAX_SCAN_BYTES:
+            return b""
+        # Too long to hold or read: relay it unread (usage unknown if it was the usage).
+        held = bytes(self._pending)
+        self._tail = bytes(self._pending[-2:])
+        self._pending.clear()
+        self._searched = 0
+        self._too_long = True
+        return held
+
+    def _skip(self, chunk: bytes) -> bytes:
+        """Relay the rest of an event too long to read; read again from the next one."""
+        data = self._tail + chunk
+        end = first_boundary(data)
+        if end < 0:
+            self._tail = data[-2:]
+            return chunk
+        self._too_long = False
+        ends_at = end - len(self._tail)
+        self._tail = b""
+        rest = chunk[ends_at:]
+        return chunk[:ends_at] + self.feed(rest) if rest else chunk[:ends_at]
+
+    def _region(self, region: bytes, *, final: bool) -> bytes:
+        """Complete events: read the ones that can matter, and return what the client gets."""
+        cut = 0
+        if not self._count:
+            marker = has_marker(region, _SSE_MARKERS)
+            if marker < 0:
+                return region
+            # Events wholly before the first marker pass as they are.
+            cut = max(0, last_boundary(region, 0, marker))
+        out = [region[:cut]] if cut else []
+        for event in parse_events(region[cut:], final=final):
+            raw = region[cut + event.start : cut + event.end]
+            kept = self._event(raw, event.data)
+            if kept is not None:
+                out.append(kept)
+            elif is_open_cr(raw) and cut + event.end == len(region):
+                self._drop_lf = True
+        return b"".join(out)
+
+    def _event(self, raw: bytes, data: bytes | None) -> bytes | None:
+        """Learn from one event; the bytes to forward for it (None: drop it)."""
+        if data is not None and data.startswith(b"[DONE]"):  # as the OpenAI SDK tests it
+            self.complete = True
+        obj = json_object(data) if data is not None and not self.complete else None
+        if obj is None:
+            return raw
+        self._error(obj)
+        if self._count and _has_content(obj):
+            self.content_chunks += 1
+        usage = usage_from_openai(obj)
+        if usage is None:
+            return raw
+        self.usage = usage  # the last one a client would read
+        if not self._strip:
+            return raw
+        if obj.get("choices") == []:
+            return None
+        # /v1/completions repeats a zeroed usage on every chunk when usage was asked for.
+        del obj["usage"]
+        return _with_data(raw, orjson.dumps(obj))
+
+
+def _has_content(obj: dict[str, object]) -> bool:
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if (isinstance(content, str) and content) or (
+            isinstance(choice.get("text"), str) and choice["text"]
+        ):
+            return True
+    return False
+
+
+def _with_data(raw: bytes, data: bytes) -> bytes:
+    """``raw``'s event with its data lines replaced by one ``data: {data}`` line; its other
+    lines and its line ends kept."""
+    out: list[bytes] = []
+    replaced = False
+    for line in raw.splitlines(keepends=True):
+        content = line.rstrip(b"\r\n")
+        if content.startswith(b"data") and content[4:5] in (b":", b""):
+            if not replaced:
+                out.append(b"data: " + data + line[len(content) :])
+                replaced = True
+            continue
+        out.append(line)
+    return b"".join(out)
+
+
+_MAX_DECODED = 64 * 1024 * 1024  # read no further than this into a compressed body
+_DECODE_STEP = 1024 * 1024
+
+
+class DecodingScanner(Scanner):
+    """A body in a content coding the gateway can read (gzip, deflate): the original bytes
+    are relayed as they are, and a decoded copy goes to ``inner``, which only reads."""
+
+    def __init__(self, inner: Scanner, decompressor: Decompressor) -> None:
+        super().__init__()
+        self._inner = inner
+        self._decompressor: Decompressor | None = decompressor
+        self._decoded = 0
+        self.readable = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._decode(chunk)
+        self._learn()
+        return chunk
+
+    def finish(self) -> bytes:
+        if self._decompressor is not None:
+            self._pass(self._decompressor.flush())
+        self._inner.finish()
+        self._learn()
+        return b""
+
+    def _learn(self) -> None:
+        inner = self._inner
+        self.usage, self.error = inner.usage, inner.error
+        self.complete, self.content_chunks = inner.complete, inner.content_chunks
+
+    def _decode(self, chunk: bytes) -> None:
+        decompressor = self._decompressor
+        while decompressor is not None and chunk:
+            try:
+                part = decompressor.decompress(chunk, _DECODE_STEP)
+            except zlib.error:
+                self._give_up()
+                return
+            self._pass(part)
+            chunk = decompressor.unconsumed_tail
+            if self._decoded > _MAX_DECODED:
+                self._give_up()
+                return
+
+    def _pass(self, part: bytes) -> None:
+        if part:
+            self._decoded += len(part)
+            self._inner.feed(part)
+
+    def _give_up(self) -> None:
+        """Not readable after all (broken, or too large): usage unknown."""
+        self._decompressor = None
+        self._inner = Scanner()
+        self.readable = False

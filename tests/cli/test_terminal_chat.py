@@ -151,11 +151,18 @@ async def test_missing_key_prints_401_with_a_hint_and_a_key_works(
 async def test_midstream_error_event_is_printed_as_an_error(
     gateway: RunningGateway, fake: FakeOllama
 ) -> None:
-    """A stream that fails after some tokens shows the tokens, then the error, and no stats."""
-    fake.config.mode = "midstream_error"
+    """A stream that fails after some tokens shows the tokens, then the error, and no stats:
+    cut off (the gateway's error event), or ended without [DONE] (Ollama swallows a /v1
+    error that way)."""
+    fake.config.mode = "drop"
     status, out, err = await chat(gateway.url, "hello")
     assert status == 1
     assert "error: the answer was cut short" in err
+    assert not STATS.search(out)
+    fake.config.mode = "midstream_error"
+    status, out, err = await chat(gateway.url, "hello")
+    assert status == 1
+    assert "error: the answer ended early (the stream closed without [DONE])" in err
     assert not STATS.search(out)
 
 

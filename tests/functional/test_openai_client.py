@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from loadtest.fake_ollama import FakeOllama
-from tests.conftest import MODEL, GatewayFactory, RunningGateway
+from tests.conftest import MODEL, GatewayFactory, RunningGateway, metric
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -105,8 +105,8 @@ async def test_not_found_raises_not_found_error(make: Make, gateway: RunningGate
 
 
 async def test_mid_stream_failure_raises_api_error(make: Make, gateway: RunningGateway) -> None:
-    """Ollama swallows a mid-stream error on /v1; the gateway ends the SSE with an error event."""
-    client = make(gateway.url, **{"X-Fake-Mode": "midstream_error"})
+    """A stream the upstream cuts off ends with the gateway's error event: APIError."""
+    client = make(gateway.url, **{"X-Fake-Mode": "drop"})
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True
     )
@@ -115,6 +115,25 @@ async def test_mid_stream_failure_raises_api_error(make: Make, gateway: RunningG
         async for chunk in stream:
             received.append(chunk)
     assert received
+
+
+async def test_a_swallowed_mid_stream_error_is_relayed_as_sent_and_counted(
+    make: Make, gateway: RunningGateway
+) -> None:
+    """Ollama swallows a /v1 mid-stream error and ends the stream cleanly without [DONE]:
+    the client gets exactly that (no finish_reason), and the gateway records an error."""
+    client = make(gateway.url, **{"X-Fake-Mode": "midstream_error"})
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks
+    assert all(choice.finish_reason is None for chunk in chunks for choice in chunk.choices)
+    text = await gateway.metrics_text()
+    assert (
+        metric(text, "ollama_requests_total", endpoint="/v1/chat/completions", status="error") == 1
+    )
+    assert metric(text, "ollama_errors_total", error_type="StreamInterrupted") == 1
 
 
 async def test_sdk_with_an_api_key(make: Make, gateway_factory: GatewayFactory) -> None:

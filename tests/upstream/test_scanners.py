@@ -10,7 +10,6 @@ from proxy.upstream.scanners import (
     JsonScanner,
     NdjsonScanner,
     SseScanner,
-    count_content,
 )
 
 FINAL = (
@@ -155,16 +154,18 @@ def test_sse_error_event_is_recorded() -> None:
     assert scanner.error == "boom"
 
 
-def test_count_content_counts_non_empty_values_with_and_without_spaces() -> None:
+def test_content_events_are_counted_with_and_without_spaces() -> None:
     """Go writes "content":"x", Python writes "content": "x"; empty and null do not count."""
     data = (
-        b'data: {"delta": {"content": "a"}}\n\n'
-        b'data: {"delta":{"content":"b"}}\n\n'
-        b'data: {"delta":{"content":""}}\n\n'
-        b'data: {"delta":{"content":null}}\n\n'
+        b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
+        b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n'
+        b'data: {"choices":[{"delta":{"content":""}}]}\n\n'
+        b'data: {"choices":[{"delta":{"content":null}}]}\n\n'
         b'data: {"choices":[{"text":"c"}]}\n\n'
     )
-    assert count_content(data, len(data)) == 3
+    scanner = SseScanner(strip_usage=False, count_chunks=True)
+    assert _feed_all(scanner, [data]) == data
+    assert scanner.content_chunks == 3
 
 
 def test_json_scanner_reads_native_and_openai_bodies() -> None:
