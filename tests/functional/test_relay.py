@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from loadtest.fake_ollama import FakeOllama
-from tests.conftest import MODEL, GatewayFactory, RunningGateway, gate_until
+from tests.conftest import MODEL, GatewayFactory, RunningGateway, gate_until, metric
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -313,3 +313,45 @@ async def test_curl_streams_ndjson_lines(gateway: RunningGateway) -> None:
     lines = body.splitlines()
     assert json.loads(lines[-1])["done"] is True
     assert len(lines) > 2
+
+
+async def test_a_post_the_upstream_read_and_dropped_is_not_run_twice(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """An upstream that reads a POST on a reused connection and closes without a byte (an
+    Ollama killed while loading the model) sees it once; the client gets Ollama's 502."""
+    seen: list[bytes] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tags = b'{"models":[{"name":"llama3.2:latest"}]}'
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(head.split(b"\r\n", 1)[0])
+                if head.startswith(b"POST"):
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    await reader.readexactly(length)
+                    return  # read, never answered: the connection closes
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(tags), tags))  # fmt: skip
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw = await gateway_factory(f"http://127.0.0.1:{port}")
+        async with http.get(gw.url + "/api/tags") as warm:  # leaves a keep-alive connection
+            assert warm.status == 200
+        seen.clear()
+        async with http.post(gw.url + "/api/chat", json=CHAT) as response:
+            assert response.status == 502
+            body = await response.json()
+        assert "closed the connection before answering" in body["error"]
+        assert seen == [b"POST /api/chat HTTP/1.1"]
+        text = await gw.metrics_text()
+        assert metric(text, "ollama_upstream_retries_total") == 0
+    finally:
+        server.close()

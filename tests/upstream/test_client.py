@@ -14,12 +14,14 @@ import trustme
 from proxy.upstream.client import (
     ConnectFailed,
     Pool,
-    UpstreamConnection,
+    UploadStalled,
     UpstreamDisconnected,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamResponse,
     header_block,
 )
+from proxy.upstream.connection import UpstreamConnection
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -404,3 +406,239 @@ async def test_an_https_upstream_is_verified_and_spoken_to_over_tls() -> None:
         for writer in scripted.writers:
             writer.close()
         server.close()
+
+
+# --- RFC 9112 framing, replays, timers, the pool bound and uploads (issue 13) -------------
+
+
+async def loop_turns(count: int) -> None:
+    """Let the event loop run ``count`` times (and so read what the sockets have)."""
+    loop = asyncio.get_running_loop()
+    for _ in range(count):
+        turn = loop.create_future()
+        loop.call_soon(turn.set_result, None)
+        await turn
+
+
+async def test_transfer_encoding_is_read_case_insensitively(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    """``Chunked`` is chunked: a whole body keeps the connection, a cut one is an error."""
+    odd = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(odd + b"2\r\nhi\r\n0\r\n\r\n")
+        await read_head(reader)
+        writer.write(odd + b"5\r\nhello\r\n3\r\nab")  # cut in the middle of a chunk
+
+    server = await serve(script)
+    pool = pool_for(server.port)
+    assert await get(pool) == (200, b"hi")
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    with pytest.raises(UpstreamDisconnected):
+        while await response.readany():
+            pass
+    response.release()
+    assert server.connections == 1
+
+
+async def test_trailers_never_become_header_fields(serve: Serve, pool_for: PoolFor) -> None:
+    """Fields after the last chunk are dropped, even when they arrive with the headers."""
+    body = CHUNKED + b"2\r\nhi\r\n0\r\nX-Checksum: abc\r\nX-Late: 1\r\n\r\n"
+    server = await serve(sends(body))
+    pool = pool_for(server.port)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    assert await response.read() == b"hi"
+    assert dict(response.headers) == {"Transfer-Encoding": "chunked"}
+    assert response.raw_headers == [("Transfer-Encoding", "chunked")]
+    response.release()
+
+
+async def test_a_coding_beside_a_length_wins_and_the_connection_is_not_reused(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    """RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length; close after."""
+    both = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n"
+    server = await serve(sends(both + b"2\r\nhi\r\n0\r\n\r\n"))
+    pool = pool_for(server.port)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    assert response.content_length is None
+    assert await response.read() == b"hi"
+    assert not response.keep_alive
+    response.release()
+
+
+async def test_a_post_on_a_stale_connection_is_never_sent_twice(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    """The upstream read the POST and closed without a byte (an OOM-killed Ollama): the
+    request fails instead of running twice; a GET in the same spot goes again, counted."""
+    seen: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        seen.append(head[0])
+        writer.write(ok(b"first"))
+        head = await read_head(reader)  # the reused connection's request: read, not answered
+        seen.append(head[0])
+
+    server = await serve(script)
+    pool = pool_for(server.port)
+    assert await get(pool, "/warm") == (200, b"first")
+    resent: list[int] = []
+    with pytest.raises(UpstreamDisconnected):
+        await pool.request(
+            "POST", "/api/chat", b"", b"{}", headers_timeout_s=5, on_resend=lambda: resent.append(1)
+        )
+    assert seen == [b"GET /warm HTTP/1.1", b"POST /api/chat HTTP/1.1"]
+    assert resent == []
+    assert await get(pool, "/again") == (200, b"first")
+    response = await pool.request(
+        "GET", "/read", b"", None, headers_timeout_s=5, on_resend=lambda: resent.append(1)
+    )
+    assert await response.read() == b"first"
+    assert seen[-2:] == [b"GET /read HTTP/1.1", b"GET /read HTTP/1.1"]
+    assert resent == [1]
+
+
+async def test_the_idle_timer_does_not_count_a_pause_for_a_slow_reader() -> None:
+    """Reading paused because the gateway's client is slow: not the upstream's silence."""
+    pool = Pool("127.0.0.1", 9, tls=None, connect_timeout_s=1)
+    connection = UpstreamConnection(pool)
+    transport = StubTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    response = UpstreamResponse(connection, head_only=False)
+    connection.response = response
+    response.start_timer(5.0, 0.1)
+    part = b"x" * (300 * 1024)
+    connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * len(part)))
+    connection.data_received(part)
+    assert not transport.reading  # paused, as while the client reads slowly
+    finished = asyncio.get_running_loop().create_future()
+    response.headers_done.get_loop().call_later(0.35, finished.set_result, None)
+    await finished  # three idle limits pass while paused
+    assert await response.readany() == part  # no TimeoutError: it was the gateway's pause
+    assert transport.reading
+    connection.data_received(part)
+    assert await response.read() == part
+
+
+async def test_the_total_deadline_ends_a_silent_stream(serve: Serve, pool_for: PoolFor) -> None:
+    """No idle limit, no byte after the first: the total timeout still ends it."""
+    pool = pool_for((await serve(sends(CHUNKED + b"2\r\nhi\r\n"))).port)
+    response = await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+    loop = asyncio.get_running_loop()
+    response.set_deadline(loop.time() + 0.2, 0.2)
+    assert await response.readany() == b"hi"
+    with pytest.raises(TimeoutError, match=r"total timeout of 0\.2 s"):
+        await response.readany()
+    response.release()
+
+
+async def test_the_pool_holds_at_most_its_connections_and_waiters_wait_bounded(
+    serve: Serve,
+) -> None:
+    """With one connection busy, the next request waits for it, up to the connect timeout."""
+    server = await serve(keep_answering)
+    pool = Pool("127.0.0.1", server.port, tls=None, connect_timeout_s=0.3, max_connections=1)
+    try:
+        first = await pool.request("GET", "/one", b"", None, headers_timeout_s=5)
+        with pytest.raises(ConnectFailed, match="all 1 connections to the upstream stayed busy"):
+            await pool.request("GET", "/two", b"", None, headers_timeout_s=5)
+        waiting = asyncio.create_task(get(pool, "/three"))
+        assert await first.read() == b"GET /one HTTP/1.1"
+        first.release()  # back to the pool: the waiter takes it
+        assert await waiting == (200, b"GET /three HTTP/1.1")
+        assert server.connections == 1
+    finally:
+        pool.close()
+
+
+async def test_an_early_answer_stops_a_streamed_upload(serve: Serve, pool_for: PoolFor) -> None:
+    """The upstream refuses before reading the body: the answer comes back, the rest of the
+    body is not sent, and the connection is not reused."""
+    answered = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nnope")
+        await writer.drain()
+        answered.set()
+        await reader.read()
+
+    sent: list[bytes] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first"
+        sent.append(b"first")
+        await answered.wait()
+        for _ in range(5):
+            await loop_turns(3)  # a client's body arrives over the network, not all at once
+            yield b"more"
+            sent.append(b"more")
+
+    server = await serve(script)
+    pool = pool_for(server.port)
+    response = await pool.request("POST", "/api/blobs/x", b"", body(), headers_timeout_s=5)
+    assert (response.status, await response.read()) == (413, b"nope")
+    assert not response.request_sent
+    response.release()
+    assert await get(pool, "/after") == (413, b"nope")  # a new connection: the same script
+    assert server.connections == 2
+    assert len(sent) < 3
+
+
+async def test_an_upload_the_upstream_never_reads_fails_at_the_idle_timeout(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    """Socket buffers full and nothing read for the idle limit: UploadStalled."""
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.get_running_loop().create_future()  # never reads again
+
+    async def endless() -> AsyncIterator[bytes]:
+        block = b"x" * (1024 * 1024)
+        for _ in range(512):
+            yield block
+
+    pool = pool_for((await serve(deaf)).port)
+    with pytest.raises(UploadStalled, match=r"read none of the request body for 0\.3 s"):
+        await pool.request(
+            "POST", "/api/blobs/x", b"", endless(), headers_timeout_s=5, idle_timeout_s=0.3
+        )
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\n  folded\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    ],
+    ids=["obs-fold", "bare-LF"],
+)
+async def test_obsolete_header_syntax_is_a_framing_error(
+    serve: Serve, pool_for: PoolFor, head: bytes
+) -> None:
+    """Obsolete line folding and bare LF are refused as broken framing, named as such."""
+    pool = pool_for((await serve(sends(head))).port)
+    with pytest.raises(UpstreamProtocolError, match="broke HTTP framing"):
+        await pool.request("GET", "/", b"", None, headers_timeout_s=5)
+
+
+async def test_the_upstreams_keep_alive_timeout_is_honoured(
+    serve: Serve, pool_for: PoolFor
+) -> None:
+    """Keep-Alive: timeout=1 leaves no time to reuse safely: a new connection each time."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await serve(script)
+    pool = pool_for(server.port)
+    assert await get(pool) == (200, b"ok")
+    assert await get(pool) == (200, b"ok")
+    assert server.connections == 2
