@@ -212,18 +212,18 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
     assert low <= doc["streaming"]["ratios"]["gateway_vs_naive"] <= high
     assert set(doc["streaming"]["added_ms"]["gateway"]) == {"ttft_p50_ms", "ttft_p99_ms"}
     assert doc["streaming_light"]["gateway"]["ttft_p50_ms"] > 0
-    assert doc["streaming"]["gateway"]["cpu_us_per_stream"] > 0
-    assert doc["streaming"]["naive"]["cpu_us_per_stream"] > 0
+    # CPU time comes from /proc in clock ticks (10 ms): a tiny run may not use one, so a
+    # measured 0 is a true answer here; what must hold is a number that is not negative.
+    for name in ("gateway", "naive"):
+        assert is_cpu_time(doc["streaming"][name]["cpu_us_per_stream"])
     for path in ("/api/tags", "/v1/chat/completions"):
         block = doc["small"][path]
         for name in names:
             assert set(block[name]) >= {"requests_per_s", "latency_p50_ms", "latency_p99_ms"}
             assert block[name]["errors"] == 0
         assert set(block["ratios"]) == ratio_keys
-        assert block["gateway"]["cpu_us_per_request"] > 0
-        assert block["naive"]["cpu_us_per_request"] > 0
-        if "nginx" in doc["baselines"]:
-            assert block["nginx"]["cpu_us_per_request"] > 0
+        for name in ("gateway", "naive", *(["nginx"] if "nginx" in doc["baselines"] else [])):
+            assert is_cpu_time(block[name]["cpu_us_per_request"])
     memory = doc["memory"]
     assert set(memory) >= {"idle_mb", "streams", "streams_mb", "streaming", "queued"}
     assert memory["scrape_idle_ms"] > 0
@@ -234,3 +234,7 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
     assert doc["startup"]["median_s"] > 0
     assert [t["target"] for t in doc["targets"]] == [name for name, _ in results.TARGETS]
     assert all(set(t) == {"target", "unit", "measured", "passed", "note"} for t in doc["targets"])
+
+
+def is_cpu_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
