@@ -57,8 +57,8 @@ class UpstreamConfig:
 class LimitsConfig:
     requests_per_minute: float = 60.0
     burst: int = 10
-    client_requests_per_minute: float = 60.0
-    client_burst: int = 10
+    client_requests_per_minute: float = 0.0  # 0: the global limit
+    client_burst: int = 0  # 0: the global burst
     client_tokens_per_minute: float = 0.0
     max_clients: int = 10_000
     parallel: int = 1
@@ -270,13 +270,32 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def _is_key(key: str) -> bool:
+    """What a client can send in a header: visible ASCII (RFC 9110 field values)."""
+    return all("!" <= c <= "~" for c in key)
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
 def _validate(config: Config) -> None:
-    server, upstream, limits = config.server, config.upstream, config.limits
+    _validate_server(config.server)
+    _validate_upstream(config.upstream)
+    _validate_limits(config.limits)
+    _validate_auth(config.auth)
+    _require(
+        config.logging.level.lower() in {"debug", "info", "warning", "error"},
+        "logging.level: must be one of debug, info, warning, error",
+    )
+    _require(
+        config.logging.format in {"auto", "json", "console"},
+        "logging.format: must be one of auto, json, console",
+    )
+
+
+def _validate_server(server: ServerConfig) -> None:
     _require(1 <= server.port <= 65535, "server.port: must be between 1 and 65535")
     _require(server.drain_timeout_s >= 0, "server.drain_timeout_s: must be >= 0")
     _require(server.send_timeout_s >= 0, "server.send_timeout_s: must be >= 0")
@@ -287,6 +306,8 @@ def _validate(config: Config) -> None:
         except ValueError as exc:
             raise ConfigError(f"server.trusted_proxies[{i}]: {exc}") from exc
 
+
+def _validate_upstream(upstream: UpstreamConfig) -> None:
     _require(upstream.kind in {"ollama", "openai"}, "upstream.kind: must be ollama or openai")
     parts = urlsplit(upstream.url)
     _require(
@@ -309,10 +330,15 @@ def _validate(config: Config) -> None:
         "upstream.retry_max_delay_s: must be >= upstream.retry_delay_s",
     )
 
+
+def _validate_limits(limits: LimitsConfig) -> None:
     _require(limits.requests_per_minute > 0, "limits.requests_per_minute: must be > 0")
     _require(limits.burst >= 1, "limits.burst: must be >= 1")
-    _require(limits.client_requests_per_minute > 0, "limits.client_requests_per_minute: > 0")
-    _require(limits.client_burst >= 1, "limits.client_burst: must be >= 1")
+    _require(
+        limits.client_requests_per_minute >= 0,
+        "limits.client_requests_per_minute: must be >= 0 (0 = the global limit)",
+    )
+    _require(limits.client_burst >= 0, "limits.client_burst: must be >= 0 (0 = the global burst)")
     _require(limits.client_tokens_per_minute >= 0, "limits.client_tokens_per_minute: >= 0")
     _require(limits.max_clients >= 1, "limits.max_clients: must be >= 1")
     _require(1 <= limits.parallel <= 1024, "limits.parallel: must be between 1 and 1024")
@@ -322,12 +348,20 @@ def _validate(config: Config) -> None:
     _require(limits.max_context_length >= 0, "limits.max_context_length: >= 0 (0 = off)")
     _require(limits.default_max_tokens >= 1, "limits.default_max_tokens: must be >= 1")
 
+
+def _validate_auth(auth: AuthConfig) -> None:
     names: set[str] = set()
     secrets: set[str] = set()
-    for i, api_key in enumerate(config.auth.api_keys):
+    for i, api_key in enumerate(auth.api_keys):
         path = f"auth.api_keys[{i}]"
         _require(bool(api_key.name), f"{path}.name: must not be empty")
+        _require(
+            api_key.name != "admin",
+            f"{path}.name: 'admin' names the admin key (auth.admin_key, PROXY_ADMIN_KEY); "
+            "give this client key another name",
+        )
         _require(len(api_key.key) >= 8, f"{path}.key: must be at least 8 characters")
+        _require(_is_key(api_key.key), f"{path}.key: visible ASCII characters only, no spaces")
         _require(api_key.name not in names, f"{path}.name: duplicate name {api_key.name!r}")
         _require(api_key.key not in secrets, f"{path}.key: the same key is listed twice")
         _require(api_key.requests_per_minute >= 0, f"{path}.requests_per_minute: >= 0")
@@ -335,18 +369,10 @@ def _validate(config: Config) -> None:
         _require(api_key.tokens_per_minute >= 0, f"{path}.tokens_per_minute: >= 0")
         names.add(api_key.name)
         secrets.add(api_key.key)
-    admin = config.auth.admin_key
+    admin = auth.admin_key
     _require(not admin or len(admin) >= 8, "auth.admin_key: must be at least 8 characters")
+    _require(not admin or _is_key(admin), "auth.admin_key: visible ASCII characters only")
     _require(admin not in secrets, "auth.admin_key: must differ from every API key")
-
-    _require(
-        config.logging.level.lower() in {"debug", "info", "warning", "error"},
-        "logging.level: must be one of debug, info, warning, error",
-    )
-    _require(
-        config.logging.format in {"auto", "json", "console"},
-        "logging.format: must be one of auto, json, console",
-    )
 
 
 def from_env() -> Config:

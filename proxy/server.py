@@ -120,6 +120,14 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _per_client(config: Config) -> str:
+    limits = config.limits
+    if not limits.client_requests_per_minute and not limits.client_burst:
+        return "the global limit"
+    per_minute = limits.client_requests_per_minute or limits.requests_per_minute
+    return f"{per_minute:g}/min (burst {limits.client_burst or limits.burst})"
+
+
 def describe(config: Config) -> str:
     """What ``serve`` would run with, in words (``check-config``)."""
     c = config
@@ -136,8 +144,7 @@ def describe(config: Config) -> str:
             "(0 = never)",
             f"retries           {c.upstream.max_retries} from {c.upstream.retry_delay_s:g} s",
             f"rate limits       {c.limits.requests_per_minute:g}/min (burst {c.limits.burst}) "
-            f"global, {c.limits.client_requests_per_minute:g}/min (burst "
-            f"{c.limits.client_burst}) per client",
+            f"global, {_per_client(c)} per client",
             f"gate              {c.limits.parallel} slot(s), queue {c.limits.max_queue} "
             f"({c.limits.max_queue_per_client} per client), wait <= {c.limits.queue_timeout_s:g} s",
             f"api keys          {keys}",

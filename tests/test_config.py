@@ -109,3 +109,11 @@ def test_secrets_stay_out_of_repr() -> None:
     )
     assert "sk-secret-1" not in repr(config)
     assert "admin-secret" not in repr(config)
+
+
+def test_admin_is_not_a_client_key_name() -> None:
+    """A client key named 'admin' could pass for the admin key: refused, naming the way out."""
+    with pytest.raises(ConfigError, match=r"auth.api_keys\[0\].name: 'admin' names the admin key"):
+        parse_config({"auth": {"api_keys": [{"name": "admin", "key": "client-key-1"}]}})
+    with pytest.raises(ConfigError, match="visible ASCII"):
+        parse_config({"auth": {"api_keys": [{"name": "app", "key": "has a space"}]}})

@@ -65,13 +65,20 @@ class Gated:
         try:
             exchange.queue_wait_s = await self._slot.__aenter__()
         except BaseException:
-            self._settle()
+            self._refund()  # refused, timed out or left while queued: no work was done
             raise
         exchange.phase = "upstream"
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._slot.__aexit__(*exc_info)
         self._settle()
+
+    def _refund(self) -> None:
+        principal = self._principal
+        if principal.limit.tokens_per_minute > 0:
+            self._gateway.limiter.settle_tokens(
+                principal.bucket, principal.limit, self._token_estimate, 0
+            )
 
     def _settle(self) -> None:
         # Settled only with real statistics: a request that ended without them (aborted,

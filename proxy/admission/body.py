@@ -90,6 +90,10 @@ class Policy:
     def clamp_context(self, options: dict[str, Any]) -> int | None:
         """Lower ``options.num_ctx`` to the configured maximum; the value asked, if lowered."""
         num_ctx = field(options, "num_ctx", int, "an integer (options.num_ctx)")
+        if num_ctx is not None and num_ctx < 1:
+            raise InvalidRequestError(
+                "field 'num_ctx' must be a positive integer (options.num_ctx)"
+            )
         if num_ctx is None or not self.max_context_length or num_ctx <= self.max_context_length:
             return None
         options["num_ctx"] = self.max_context_length

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -37,14 +38,26 @@ class _Entry:
     limit: Limit
 
 
+_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # visible ASCII, as the config requires of keys
+
+
 def presented_key(request: web.Request) -> str | None:
-    """The key from ``Authorization: Bearer ...`` (both official SDKs) or ``X-API-Key``."""
+    """The key from ``Authorization: Bearer ...`` (both official SDKs) or ``X-API-Key``.
+
+    A key with bytes no configured key can hold (a space, a control or non-ASCII byte) is a
+    bad credential, refused whether or not keys are configured.
+    """
+    key: str | None = None
     auth = request.headers.get("Authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    return request.headers.get("X-API-Key") or None
+            key = token.strip()
+    if key is None:
+        key = request.headers.get("X-API-Key") or None
+    if key is not None and not _KEY_CHARACTERS.fullmatch(key):
+        raise UnauthorizedError("malformed API key: a key is visible ASCII characters only")
+    return key
 
 
 def _digest(key: str) -> bytes:
@@ -54,8 +67,12 @@ def _digest(key: str) -> bytes:
 class Access:
     def __init__(self, config: Config) -> None:
         limits = config.limits
+        # Unset (0), a client's own bucket is the global one's size: one application behind
+        # the gateway may use all of what the operator allowed.
         self._default = Limit(
-            limits.client_requests_per_minute, limits.client_burst, limits.client_tokens_per_minute
+            limits.client_requests_per_minute or limits.requests_per_minute,
+            limits.client_burst or limits.burst,
+            limits.client_tokens_per_minute,
         )
         self._keys: dict[bytes, _Entry] = {}
         for api_key in config.auth.api_keys:
@@ -78,7 +95,8 @@ class Access:
         key = presented_key(request)
         entry = self._match(key) if key is not None else None
         if entry is not None:
-            return Principal(entry.name, entry.name, entry.limit, is_admin=entry.name == ADMIN_NAME)
+            # Admin rights come from the admin key alone, never from a name.
+            return Principal(entry.name, entry.name, entry.limit, is_admin=entry is self._admin)
         if self._keys:
             reason = "missing API key" if key is None else "invalid API key"
             raise UnauthorizedError(

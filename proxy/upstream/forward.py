@@ -61,6 +61,9 @@ class Upstream:
         self._prefix = self.base.raw_path.rstrip("/")  # an upstream mounted under a path
         self._on_retry = on_retry
         self._pool: Pool | None = None
+        # Set while the background probe (or the last request) found the upstream down: a
+        # request then tries once, without the retries' backoff, and fails fast.
+        self.known_down = False
 
     @property
     def pool(self) -> Pool:
@@ -108,8 +111,10 @@ class Upstream:
         cfg = self.config
         target = self._prefix + path
         head = header_block(headers)
-        # A streamed body (a model blob) can be sent once only.
-        tries = 1 if isinstance(body, AsyncIterable) else cfg.max_retries + 1
+        # A streamed body (a model blob) can be sent once only; an upstream known to be
+        # down gets one try, so the client hears at once instead of after the backoff.
+        once = isinstance(body, AsyncIterable) or self.known_down
+        tries = 1 if once else cfg.max_retries + 1
 
         def resent() -> None:  # the pool sent an idempotent request again, on a new connection
             attempts.retries += 1
@@ -128,6 +133,7 @@ class Upstream:
             except ConnectFailed as exc:
                 # Connect failed: the upstream never saw this request, so retrying is safe.
                 if last:
+                    self.known_down = True
                     log.warning("upstream_connect_failed", url=str(self.base), attempts=attempt + 1)
                     raise UpstreamConnectError(
                         f"cannot connect to the upstream at {self.base}: {exc}"
@@ -150,6 +156,7 @@ class Upstream:
                 log.warning("upstream_request_failed", error=type(exc).__name__)
                 raise UpstreamConnectError(str(exc)) from exc
             else:
+                self.known_down = False
                 if response.status != 503 or last:
                     return response
                 response.close()  # Ollama's "server busy": refused before any work began

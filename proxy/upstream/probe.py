@@ -108,6 +108,7 @@ class UpstreamWatch:
             event = "upstream_up" if snap.reachable else "upstream_down"
             log.info(event, version=snap.version, error=snap.error)
         self.last = snap
+        self._upstream.known_down = not snap.reachable
         self._metrics.upstream_up.set({}, 1 if snap.reachable else 0)
         if not snap.reachable:
             return

@@ -387,3 +387,106 @@ async def test_many_requests_with_aborts_failures_and_timeouts_leak_no_slot(
     assert "ollama_active_requests 0" in text
     assert "ollama_queued_requests 0" in text
     assert json.dumps(body)
+
+
+# --- issue 14: honest at the edges ------------------------------------------------------
+
+
+async def raw_request(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` as bytes (what no well-behaved client library would send) and read
+    the answer: status, headers, body."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        length = int(headers.get("Content-Length", "0"))
+        return status, headers, await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("with_keys", [False, True])
+@pytest.mark.parametrize("field", [b"Authorization: Bearer \xff\xfe", b"X-API-Key: k\xffey"])
+async def test_a_non_ascii_credential_is_a_401_in_the_dialect(
+    gateway_factory: GatewayFactory, with_keys: bool, field: bytes
+) -> None:
+    """A key byte no configured key can hold is a bad credential, keys configured or not."""
+    keys = {"auth": {"api_keys": [{"name": "app", "key": "app-key-123"}]}} if with_keys else {}
+    gw = await gateway_factory(**keys)
+    body = json.dumps(QUICK).encode()
+    request = (
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\n" + field + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    status, headers, answer = await raw_request(gw.url, request)
+    assert status == 401
+    assert "X-Request-ID" in headers
+    assert "malformed API key" in json.loads(answer)["error"]
+
+
+async def test_raising_the_global_limit_raises_it_for_one_client_too(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """Only MAX_REQUESTS_PER_MINUTE and its burst set: one client may use all of them."""
+    gw = await gateway_factory(
+        clock=FakeClock(),
+        limits={
+            "requests_per_minute": 600,
+            "burst": 25,
+            "client_requests_per_minute": 0,
+            "client_burst": 0,
+        },
+    )
+    statuses = await _statuses(http, gw.url + "/api/chat", 26, json=QUICK)
+    assert statuses == [200] * 25 + [429]
+    async with http.post(gw.url + "/api/chat", json=QUICK) as response:
+        assert response.headers["X-RateLimit-Limit"] == "600"
+
+
+@pytest.mark.parametrize(
+    ("reason", "limits"),
+    [("queue_full", {"max_queue": 0}), ("queue_timeout", {"queue_timeout_s": 0.2})],
+)
+async def test_a_request_the_gate_refuses_gets_its_tokens_back(
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    reason: str,
+    limits: dict[str, float],
+) -> None:
+    """Refused by the gate (queue full, queue timeout): no work done, no tokens charged."""
+    gw = await gateway_factory(
+        clock=FakeClock(), limits={"client_tokens_per_minute": 2000, "parallel": 1, **limits}
+    )
+    holder = asyncio.create_task(
+        http.post(gw.url + "/api/chat", json=QUICK, headers={"X-Fake-Mode": "hang"})
+    )  # reserves about 530 of 2000
+    await gate_until(gw, lambda: gw.gateway.gate.active == 1)
+    async with http.post(gw.url + "/api/chat", json=QUICK) as refused:  # reserves 530 more
+        assert refused.status == 503
+        assert (await refused.json())["error"].startswith(
+            "the gateway's wait queue is full" if reason == "queue_full" else "no slot became"
+        )
+    holder.cancel()
+    await gate_until(gw, lambda: gw.gateway.gate.active == 0)
+    # 2000 - 530 (the aborted holder keeps its reservation) leaves about 1470: a request
+    # estimated at 1400 passes only if the refused one's 530 came back.
+    big = {**QUICK, "options": {"num_predict": 1380}}
+    async with http.post(gw.url + "/api/chat", json=big) as response:
+        assert response.status == 200
+
+
+async def test_a_negative_num_ctx_is_refused(
+    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    """options.num_ctx must be positive: 400 naming it, never forwarded."""
+    body = {**QUICK, "options": {"num_ctx": -1}}
+    async with http.post(gateway.url + "/api/chat", json=body) as response:
+        assert response.status == 400
+        assert "num_ctx" in (await response.json())["error"]
+    assert fake.seen == []

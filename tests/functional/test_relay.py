@@ -147,19 +147,37 @@ async def test_unknown_routes_answer_404_in_the_prefix_dialect(
 
 
 async def test_upstream_down_is_502_in_each_dialect_after_retries(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
-    """A refused connection is retried, then answered 502 in the route's dialect."""
-    closed = aiohttp.test_utils.unused_port()  # nothing listens there
-    gw = await gateway_factory(upstream_url=f"http://127.0.0.1:{closed}")
+    """An upstream that was up and now refuses connections is retried, then answered 502 in
+    the route's dialect; once that is known, the next request fails at once, unretried."""
+    gw = await gateway_factory()  # the start-up probe finds the fake up
+    await fake.close()
     async with http.post(gw.url + "/api/chat", json=CHAT) as response:
         assert response.status == 502
         assert "cannot connect" in (await response.json())["error"]
+    assert "ollama_upstream_retries_total 2" in await gw.metrics_text()
     async with http.post(gw.url + "/v1/chat/completions", json=V1_CHAT) as response:
         assert response.status == 502
         assert (await response.json())["error"]["code"] == "upstream_unavailable"
-    text = await gw.metrics_text()
-    assert "ollama_upstream_retries_total 4" in text  # 2 retries x 2 requests
+    assert "ollama_upstream_retries_total 2" in await gw.metrics_text()  # no more retries
+
+
+async def test_an_upstream_the_probe_found_down_fails_fast(
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """Known down since the start-up probe: one try and a 502, without the backoff."""
+    closed = aiohttp.test_utils.unused_port()  # nothing listens there
+    gw = await gateway_factory(
+        upstream_url=f"http://127.0.0.1:{closed}",
+        upstream={"retry_delay_s": 5.0, "retry_max_delay_s": 5.0},
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with http.post(gw.url + "/api/chat", json=CHAT) as response:
+        assert response.status == 502
+    assert loop.time() - started < 2.5  # one backoff would be at least 2.5 s
+    assert "ollama_upstream_retries_total 0" in await gw.metrics_text()
 
 
 async def test_busy_upstream_is_retried_until_it_accepts(
