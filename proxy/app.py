@@ -20,6 +20,7 @@ from proxy.gateway import GATEWAY, Gateway
 from proxy.metrics import Metrics
 from proxy.middleware import exchange_middleware
 from proxy.routes import INFERENCE, ROUTES, relay_route
+from proxy.shutdown import drain
 
 
 def create_app(
@@ -44,8 +45,13 @@ def create_app(
     app.router.add_get("/health", probes.health)
     app.router.add_get("/health/ollama", probes.health_upstream)
     app.router.add_get("/metrics", probes.metrics)
+    app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_upstream_lifetime)
     return app
+
+
+async def _drain(app: web.Application) -> None:
+    await drain(app[GATEWAY])
 
 
 async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -23,7 +23,7 @@ from proxy.errors import InvalidRequestError, UpstreamResponseError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.frames import iter_frames, json_object
 from proxy.gateway import GATEWAY, Gateway
-from proxy.upstream.client import UpstreamError, UpstreamResponse
+from proxy.upstream.client import Interrupted, UpstreamError, UpstreamResponse
 from proxy.upstream.encodings import DecodedBody, UnreadableBodyError
 from proxy.upstream.forward import open_upstream
 
@@ -70,7 +70,8 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     principal = gateway.access.identify(request)
     exchange.client = principal.name
     admit(gateway, exchange, principal)
-    raw = await read_body(request, gateway.config.server.max_body_bytes)
+    server = gateway.config.server
+    raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
     obj = parse_object(raw)
     prompt = body_field(obj, "prompt", str, "a string")
     if not prompt:
@@ -239,6 +240,7 @@ async def _stream(
     exchange.status = 200
     exchange.streamed = True
     exchange.phase = "streaming"
+    exchange.response = response
     await response.prepare(request)
     exchange.first_byte_at = time.monotonic()
     try:
@@ -252,6 +254,8 @@ async def _stream(
                 await _write(response, exchange, {"response": text, "done": False})
             if progress.finished:
                 break
+    except Interrupted as exc:
+        return await _fail(response, exchange, str(exc))
     except (TimeoutError, UpstreamError) as exc:
         return await _fail(response, exchange, f"the upstream stream failed: {exc}")
     if not progress.finished:

@@ -31,6 +31,9 @@ class ServerConfig:
     port: int = 8000
     drain_timeout_s: float = 30.0
     send_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1024
     max_body_bytes: int = 20 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
 
@@ -142,6 +145,9 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PROXY_PORT": ("server.port", int),
     "SHUTDOWN_DRAIN_TIMEOUT": ("server.drain_timeout_s", float),
     "SEND_TIMEOUT": ("server.send_timeout_s", float),
+    "CLIENT_HEADER_TIMEOUT": ("server.header_timeout_s", float),
+    "CLIENT_BODY_TIMEOUT": ("server.body_timeout_s", float),
+    "MAX_CONNECTIONS": ("server.max_connections", int),
     "MAX_BODY_BYTES": ("server.max_body_bytes", int),
     "TRUSTED_PROXIES": ("server.trusted_proxies", _parse_list),
     "UPSTREAM_KIND": ("upstream.kind", str),
@@ -299,6 +305,9 @@ def _validate_server(server: ServerConfig) -> None:
     _require(1 <= server.port <= 65535, "server.port: must be between 1 and 65535")
     _require(server.drain_timeout_s >= 0, "server.drain_timeout_s: must be >= 0")
     _require(server.send_timeout_s >= 0, "server.send_timeout_s: must be >= 0")
+    _require(server.header_timeout_s >= 0, "server.header_timeout_s: must be >= 0 (0 = off)")
+    _require(server.body_timeout_s >= 0, "server.body_timeout_s: must be >= 0 (0 = off)")
+    _require(server.max_connections >= 1, "server.max_connections: must be >= 1")
     _require(server.max_body_bytes >= 1024, "server.max_body_bytes: must be at least 1024")
     for i, cidr in enumerate(server.trusted_proxies):
         try:

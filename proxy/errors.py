@@ -26,6 +26,9 @@ REJECT_REASONS = (
     "forbidden",
     "too_large",
     "invalid",
+    "slow_client",
+    "too_many_connections",
+    "shutting_down",
 )
 
 
@@ -55,6 +58,15 @@ class BodyTooLargeError(ProxyError):
     code = "request_too_large"
     error_type = None
     reject_reason = "too_large"
+
+
+class ClientTimeoutError(ProxyError):
+    """The client sent its request body too slowly (``server.body_timeout_s``)."""
+
+    status = 408
+    code = "request_timeout"
+    error_type = None
+    reject_reason = "slow_client"
 
 
 class UnauthorizedError(ProxyError):
@@ -103,6 +115,18 @@ class QueueTimeoutError(ProxyError):
     code = "queue_timeout"
     error_type = None
     reject_reason = "queue_timeout"
+
+
+class ShuttingDownError(ProxyError):
+    """The gateway is stopping: the request is refused before any work, to be retried."""
+
+    status = 503
+    code = "shutting_down"
+    error_type = None
+    reject_reason = "shutting_down"
+
+    def __init__(self, message: str = "the gateway is shutting down; retry later") -> None:
+        super().__init__(message, retry_after_s=1)
 
 
 class UpstreamConnectError(ProxyError):

@@ -38,6 +38,7 @@ class Exchange:
     bytes_out: int = 0
     retries: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    response: web.StreamResponse | None = None  # once prepared: what the client is getting
 
     def record_usage(self, usage: Usage) -> None:
         """The answer's token statistics, as the upstream reported them."""

@@ -13,6 +13,7 @@ from proxy.admission.keys import Access
 from proxy.admission.ratelimit import Limit, RateLimiter
 from proxy.config import Config
 from proxy.metrics import Metrics
+from proxy.shutdown import Drain
 from proxy.upstream.forward import Upstream
 from proxy.upstream.probe import UpstreamWatch
 
@@ -28,6 +29,7 @@ class Gateway:
     policy: Policy
     limiter: RateLimiter
     gate: Gate
+    drain: Drain
 
     @classmethod
     def build(
@@ -66,6 +68,7 @@ class Gateway:
                 clock=clock,
             ),
             gate=gate,
+            drain=Drain(),
         )
 
 

@@ -52,9 +52,15 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
     request[EXCHANGE] = exchange
     bound = REQUEST_ID.set(exchange.request_id)
     outcome = "error"
+    gateway.drain.enter()
     try:
         try:
             response = await handler(request)
+        except ConnectionResetError:
+            # The client left while the gateway wrote to it (the final write, often): a
+            # cancellation like any other. What was written is the answer aiohttp finishes.
+            outcome = "cancelled"
+            return exchange.response if exchange.response is not None else _gone()
         except ProxyError as err:
             response = error_response(exchange, err)
             outcome = _outcome_of(err)
@@ -75,8 +81,16 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         outcome = "cancelled"
         raise
     finally:
+        gateway.drain.leave()
         finish(gateway, exchange, outcome)
         REQUEST_ID.reset(bound)
+    return response
+
+
+def _gone() -> web.StreamResponse:
+    """An answer for a client that is gone: aiohttp's write of it fails quietly."""
+    response = web.Response(status=499)
+    response.force_close()
     return response
 
 
@@ -106,12 +120,15 @@ def error_response(exchange: Exchange, err: ProxyError) -> web.Response:
     headers = dict(exchange.headers)
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
-    return web.Response(
+    response = web.Response(
         status=err.status,
         body=exchange.dialect.error_body(err.status, err.message, err.code),
         content_type="application/json",
         headers=headers,
     )
+    if err.status in (408, 413):
+        response.force_close()  # the rest of the body was not read: no next request on it
+    return response
 
 
 def finish(gateway: Gateway, ex: Exchange, outcome: str) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.admission.admit import Gated, admit
-from proxy.admission.body import read_body
+from proxy.admission.body import body_chunks, read_body
 from proxy.admission.keys import Principal
 from proxy.errors import UnsupportedByBackendError
 from proxy.exchange import EXCHANGE, Exchange
@@ -86,11 +86,12 @@ async def relay_route(request: web.Request) -> web.StreamResponse:
         gateway.access.require_admin(principal)
     if spec.kind == INFERENCE:
         return await infer(request, gateway, exchange, principal, spec)
+    server = gateway.config.server
     body: Body = None
     if spec.streams_body:
-        body = request.content.iter_any()
+        body = body_chunks(request, server.body_timeout_s)
     elif request.can_read_body:
-        body = await read_body(request, gateway.config.server.max_body_bytes)
+        body = await read_body(request, server.max_body_bytes, server.body_timeout_s)
     return await forward(request, gateway.upstream, exchange, body)
 
 
@@ -102,7 +103,8 @@ async def infer(
     spec: RouteSpec,
 ) -> web.StreamResponse:
     admit(gateway, exchange, principal)
-    raw = await read_body(request, gateway.config.server.max_body_bytes)
+    server = gateway.config.server
+    raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
     prepared = gateway.policy.prepare(raw, openai=spec.openai, generates=spec.generates)
     exchange.model = prepared.model
     if prepared.clamped_num_ctx is not None:

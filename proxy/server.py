@@ -19,11 +19,15 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import create_app
 from proxy.config import Config
+from proxy.connections import GatewayRunner
+from proxy.gateway import GATEWAY
 from proxy.listen import listening_sockets, send_timeout_supported
 from proxy.log import configure_logging
 
 log = structlog.get_logger("proxy")
 T = TypeVar("T")
+SHUTDOWN_RESIDUE_S = 0.2
+LINGERING_S = 1.0
 
 
 def serve(config: Config) -> int:
@@ -68,14 +72,7 @@ async def run_gateway(config: Config, sockets: list[socket.socket], *, until: Aw
     """Serve on ``sockets`` until ``until`` completes (or this task is cancelled), then stop
     accepting and give in-flight requests ``server.drain_timeout_s`` to finish. What
     ``until`` gave."""
-    runner = web.AppRunner(
-        create_app(config),
-        # A client that goes away cancels its handler, which closes the upstream request,
-        # so Ollama stops generating (and the server behaves as aiohttp's test server does).
-        handler_cancellation=True,
-        shutdown_timeout=config.server.drain_timeout_s,
-        access_log=None,
-    )
+    runner = gateway_runner(create_app(config))
     await runner.setup()
     try:
         for sock in sockets:
@@ -84,6 +81,26 @@ async def run_gateway(config: Config, sockets: list[socket.socket], *, until: Aw
         return await until
     finally:
         await runner.cleanup()
+
+
+def gateway_runner(app: web.Application, **kwargs: Any) -> GatewayRunner:
+    """The runner for the gateway's app, as ``serve``, the demo and the tests run it."""
+    gateway = app[GATEWAY]
+    options: dict[str, Any] = {
+        # A client that goes away cancels its handler, which closes the upstream request,
+        # so Ollama stops generating (and the server behaves as aiohttp's test server does).
+        "handler_cancellation": True,
+        # The app drains for server.drain_timeout_s when it shuts down (proxy.shutdown);
+        # what aiohttp's own wait then finds is cancelled at once.
+        "shutdown_timeout": SHUTDOWN_RESIDUE_S,
+        # After an answer to a request whose body was not all read (408, 413), aiohttp
+        # reads and drops the rest for this long before closing: 10 s by default, time a
+        # slow client would hold the connection for.
+        "lingering_time": LINGERING_S,
+        "access_log": None,
+        **kwargs,
+    }
+    return GatewayRunner(app, gateway.config.server, gateway.metrics, **options)
 
 
 async def stop_signal() -> signal.Signals:

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from loadtest.fake_ollama import FakeOllama, FakeOllamaConfig
 from proxy.admission.gate import Gate
@@ -21,6 +22,7 @@ from proxy.app import create_app
 from proxy.config import parse_config
 from proxy.gateway import GATEWAY, Gateway
 from proxy.listen import listening_sockets
+from proxy.server import gateway_runner
 
 MODEL = "llama3.2:latest"
 
@@ -97,6 +99,14 @@ def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
 
+class GatewayTestServer(TestServer):
+    """aiohttp's test server, running the app as ``proxy serve`` does (its connections,
+    head timeout and parser refusals included)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return gateway_runner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeOllama]:
     server = FakeOllama(FakeOllamaConfig())
@@ -122,7 +132,7 @@ async def gateway_factory(fake: FakeOllama) -> AsyncIterator[GatewayFactory]:
             (sock,) = listening_sockets(host, port, send_timeout_s=config.server.send_timeout_s)
             return sock
 
-        server = TestServer(app, port=0, socket_factory=listen)
+        server = GatewayTestServer(app, port=0, socket_factory=listen)
         await server.start_server()
         servers.append(server)
         fake.reset()  # forget the start-up probe: tests count what clients caused

@@ -10,13 +10,16 @@ gate slot held for as long as the upstream works on it.
 from __future__ import annotations
 
 from proxy.admission.keys import Principal
-from proxy.errors import RateLimitedError
+from proxy.errors import RateLimitedError, ShuttingDownError
 from proxy.exchange import Exchange
 from proxy.gateway import Gateway
 
 
 def admit(gateway: Gateway, exchange: Exchange, principal: Principal) -> None:
-    """Take a request from the client's and the global bucket, or refuse with 429."""
+    """Take a request from the client's and the global bucket, or refuse with 429 (or 503
+    while the gateway shuts down)."""
+    if gateway.drain.stopping:
+        raise ShuttingDownError
     decision = gateway.limiter.admit(principal.bucket, principal.limit)
     exchange.headers.update(decision.headers())
     if not decision.admitted:

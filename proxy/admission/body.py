@@ -7,6 +7,8 @@ re-serialised only when something in it changed.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,12 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.errors import BodyTooLargeError, ForbiddenError, InvalidRequestError
+from proxy.errors import (
+    BodyTooLargeError,
+    ClientTimeoutError,
+    ForbiddenError,
+    InvalidRequestError,
+)
 
 
 @dataclass(slots=True)
@@ -29,19 +36,41 @@ class Prepared:
     clamped_num_ctx: int | None = None
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The whole request body, refused with 413 past ``max_bytes`` without reading it all."""
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole request body, refused with 413 past ``max_bytes`` without reading it all,
+    and with 408 when the client sends nothing of it for ``timeout_s`` (0: no limit)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise BodyTooLargeError(f"request body over the {max_bytes}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    content = request.content
-    while chunk := await content.readany():
+    async for chunk in body_chunks(request, timeout_s):
         size += len(chunk)
         if size > max_bytes:
             raise BodyTooLargeError(f"request body over the {max_bytes}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def body_chunks(request: web.Request, timeout_s: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives; 408 when the client sends nothing of it for
+    ``timeout_s`` (nginx's ``client_body_timeout``). What already arrived is taken without
+    a timer: a small body comes with its head."""
+    content = request.content
+    while True:
+        chunk = content.read_nowait()
+        if not chunk:
+            if content.at_eof():
+                return
+            try:
+                async with asyncio.timeout(timeout_s or None):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise ClientTimeoutError(
+                    f"the request body stalled: nothing of it arrived for {timeout_s:g} s"
+                ) from None
+            if not chunk:
+                return
+        yield chunk
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from proxy.errors import QueueFullError, QueueTimeoutError
+from proxy.errors import QueueFullError, QueueTimeoutError, ShuttingDownError
 
 # Weight of the newest service time in the moving average behind Retry-After.
 _EWMA_ALPHA = 0.2
@@ -42,6 +42,7 @@ class Gate:
         self.queued = 0
         self._waiters: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._service_s = 0.0
+        self.closed: str | None = None  # why the gate admits no one any more
 
     # -- synchronous core -------------------------------------------------------------
 
@@ -97,6 +98,16 @@ class Gate:
                 waiter.set_result(None)
                 self.active += 1
 
+    def close(self, reason: str) -> None:
+        """Admit no one any more; every waiter is refused with 503 and ``reason``."""
+        self.closed = reason
+        for queue in self._waiters.values():
+            for waiter in queue:
+                if not waiter.done():
+                    waiter.set_exception(ShuttingDownError(f"{reason}; retry later"))
+        self._waiters.clear()
+        self.queued = 0
+
     def retry_after_s(self) -> int:
         """Seconds until a new request could expect a slot, from recent service times."""
         if self._service_s == 0.0:
@@ -112,6 +123,8 @@ class Gate:
 
     async def acquire(self, client: str) -> float:
         """Take a slot, queueing if need be; the seconds spent queued. ``release`` it."""
+        if self.closed is not None:
+            raise ShuttingDownError(f"{self.closed}; retry later")
         if self.active < self.slots and self.queued == 0:
             self.active += 1  # the common case, without a future: try_enter's first branch
             return 0.0

@@ -38,6 +38,7 @@ from proxy.upstream.connection import (
 __all__ = [
     "Body",
     "ConnectFailed",
+    "Interrupted",
     "Pool",
     "UploadStalled",
     "UpstreamDisconnected",
@@ -55,6 +56,10 @@ Body = bytes | AsyncIterable[bytes] | None
 
 class ConnectFailed(Exception):
     """No connection could be made: nothing was sent, so trying again is safe."""
+
+
+class Interrupted(UpstreamError):
+    """The gateway ended the exchange itself (it is shutting down)."""
 
 
 class UploadStalled(TimeoutError):
@@ -289,6 +294,14 @@ class Pool:
             connection.close()
         if self._idle:
             self._sweeper = self.loop.call_later(self.keepalive_s, self._sweep)
+
+    def interrupt(self, error: UpstreamError) -> None:
+        """End every exchange in flight with ``error``, and close its connection: the
+        upstream stops working on it."""
+        for connection in list(self._busy):
+            if connection.response is not None:
+                connection.response.fail(error)
+            connection.close()
 
     def close(self) -> None:
         if self._sweeper is not None:

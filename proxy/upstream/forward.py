@@ -20,11 +20,12 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamConnectError, UpstreamTimeoutError
+from proxy.errors import ShuttingDownError, UpstreamConnectError, UpstreamTimeoutError
 from proxy.exchange import Exchange
 from proxy.upstream.client import (
     Body,
     ConnectFailed,
+    Interrupted,
     Pool,
     UploadStalled,
     UpstreamDisconnected,
@@ -82,6 +83,11 @@ class Upstream:
             keepalive_s=self.config.keepalive_s,
             max_connections=self.max_connections,
         )
+
+    def interrupt(self, error: UpstreamError) -> None:
+        """End every upstream exchange in flight with ``error`` (see ``Pool.interrupt``)."""
+        if self._pool is not None:
+            self._pool.interrupt(error)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -146,6 +152,8 @@ class Upstream:
                 raise UpstreamTimeoutError(
                     f"the upstream sent no response headers within {cfg.headers_timeout_s:g} s"
                 ) from exc
+            except Interrupted as exc:
+                raise ShuttingDownError(f"{exc}; retry later") from exc
             except UpstreamDisconnected as exc:
                 # The request may have reached the upstream (a POST is never sent twice).
                 log.warning("upstream_request_failed", error=type(exc).__name__)

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from proxy.dialects import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from proxy.exchange import Exchange
-from proxy.upstream.client import UpstreamError, UpstreamResponse
+from proxy.upstream.client import Interrupted, UpstreamError, UpstreamResponse
 from proxy.upstream.encodings import decoder_for
 from proxy.upstream.headers import forward_response_headers
 from proxy.upstream.scanners import (
@@ -106,6 +106,7 @@ async def relay(
     exchange.status = upstream.status
     exchange.streamed = streamed
     exchange.phase = "streaming"
+    exchange.response = response
     await response.prepare(request)
     exchange.first_byte_at = time.monotonic()
     if request.method == "HEAD":
@@ -186,6 +187,8 @@ async def _read(upstream: UpstreamResponse) -> bytes | Failure:
         return await upstream.readany()
     except TimeoutError as exc:
         return "TimeoutError", str(exc)  # the client's: the upstream's silence, or the total
+    except Interrupted as exc:
+        return "StreamInterrupted", str(exc)  # the gateway's own reason: it is shutting down
     except UpstreamError as exc:
         return "StreamInterrupted", f"the upstream connection failed: {exc}"
 

@@ -12,12 +12,11 @@ from typing import Any
 import openai
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
 from proxy.cli.engine import ALIAS, Engine, EngineUnavailableError, find_model, running_engine
 from proxy.config import parse_config
-from tests.conftest import RunningGateway, gateway_config
+from tests.conftest import GatewayTestServer, RunningGateway, gateway_config
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -46,14 +45,13 @@ EngineGateway = Callable[..., Awaitable[RunningGateway]]
 @pytest_asyncio.fixture(loop_scope="module")
 async def engine_gateway(engine: Engine) -> AsyncIterator[EngineGateway]:
     """Start gateways (fresh metrics each) in front of the module's engine."""
-    servers: list[TestServer] = []
+    servers: list[GatewayTestServer] = []
 
     async def start(**sections: Any) -> RunningGateway:
         upstream = {"kind": "openai", "url": engine.url, "default_model": ALIAS}
         config = gateway_config(engine.url, **{"upstream": upstream, **sections})
         app = create_app(parse_config(config))
-        # TestServer runs with handler_cancellation=True, as `serve` and the demo do.
-        server = TestServer(app, port=0)
+        server = GatewayTestServer(app, port=0)
         await server.start_server()
         servers.append(server)
         return RunningGateway(server, app)
