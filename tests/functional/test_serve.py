@@ -19,6 +19,8 @@ from tests.conftest import MODEL
 
 pytestmark = pytest.mark.timeout(30)
 
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+
 
 def _free_port() -> int:
     # An external process needs a number; a collision fails its start loudly, not silently.
@@ -87,7 +89,14 @@ async def test_the_demo_checks_its_port_before_starting_the_engine(busy_port: in
 
 
 @pytest.fixture
-async def served(fake: FakeOllama) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+def drain_timeout_s() -> float:
+    return 10.0
+
+
+@pytest.fixture
+async def served(
+    fake: FakeOllama, drain_timeout_s: float
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     port = _free_port()
     env = {
         **os.environ,
@@ -95,7 +104,7 @@ async def served(fake: FakeOllama) -> AsyncIterator[tuple[asyncio.subprocess.Pro
         "OLLAMA_MODEL": MODEL,
         "PROXY_HOST": "127.0.0.1",
         "PROXY_PORT": str(port),
-        "SHUTDOWN_DRAIN_TIMEOUT": "10",
+        "SHUTDOWN_DRAIN_TIMEOUT": str(drain_timeout_s),
         "LOG_FORMAT": "json",
         "PROBE_INTERVAL": "3600",
     }
@@ -138,6 +147,43 @@ async def test_sigterm_lets_an_in_flight_stream_finish(
     finished = [json.loads(line) for line in logs.splitlines() if "request_finished" in line]
     assert finished[-1]["outcome"] == "success"
     assert "gateway_stopped" in logs
+
+
+@pytest.mark.parametrize("drain_timeout_s", [1.0])
+async def test_at_the_drain_deadline_open_streams_end_with_an_error_and_the_process_exits(
+    served: tuple[asyncio.subprocess.Process, str], fake: FakeOllama
+) -> None:
+    """Streams still running at SHUTDOWN_DRAIN_TIMEOUT end with an in-dialect error saying
+    the gateway is shutting down; a queued request gets 503 at once; the process exits
+    within the drain timeout plus a second."""
+    process, url = served
+    fake.config.tokens = 10_000
+    fake.config.token_interval_s = 0.02
+    sse = {**CHAT, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        native = await http.post(url + "/api/chat", json=CHAT)
+        await native.content.readline()
+        queued = asyncio.create_task(http.post(url + "/v1/chat/completions", json=sse))
+        async with asyncio.timeout(5):  # until the gateway says it waits for the slot
+            while True:
+                async with http.get(url + "/health") as health:
+                    if (await health.json())["queued"] == 1:
+                        break
+        loop = asyncio.get_running_loop()
+        process.send_signal(signal.SIGTERM)
+        signalled = loop.time()
+        refused = await queued
+        assert refused.status == 503
+        assert (await refused.json())["error"]["code"] == "shutting_down"
+        assert refused.headers["Retry-After"] == "1"
+        lines = (await native.read()).splitlines()
+        native.close()
+    assert json.loads(lines[-1]) == {"error": "the gateway is shutting down"}
+    assert json.loads(lines[-2])["done"] is False
+    assert await asyncio.wait_for(process.wait(), 10) == 0
+    assert loop.time() - signalled < 1.0 + 1.0
+    generation = next(seen for seen in fake.seen if seen.path == "/api/chat")
+    assert generation.disconnected  # the upstream stopped generating
 
 
 async def test_request_finished_log_line_has_the_facts_and_no_prompt(
