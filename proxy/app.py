@@ -35,11 +35,9 @@ def create_app(
     inference = (*(p for (_, p), spec in ROUTES.items() if spec.kind == INFERENCE), "/chat")
     gateway = Gateway.build(config, clock, Metrics(registry), inference)
     app[GATEWAY] = gateway
+    # HEAD only where ROUTES says Ollama answers it: elsewhere the router's 405 with Allow.
     for method, path in ROUTES:
-        if method == "GET":
-            app.router.add_get(path, relay_route)  # and HEAD, as Ollama answers it
-        else:
-            app.router.add_route(method, path, relay_route)
+        app.router.add_route(method, path, relay_route)
     app.router.add_post("/chat", chat_route)
     app.router.add_get("/health", probes.health)
     app.router.add_get("/health/ollama", probes.health_upstream)
