@@ -19,6 +19,7 @@ from proxy.config import Config
 from proxy.gateway import GATEWAY, Gateway
 from proxy.metrics import Metrics
 from proxy.middleware import exchange_middleware
+from proxy.openapi.pages import add_docs_routes
 from proxy.routes import INFERENCE, ROUTES, relay_route
 
 
@@ -42,6 +43,8 @@ def create_app(
     app.router.add_get("/health", probes.health)
     app.router.add_get("/health/ollama", probes.health_upstream)
     app.router.add_get("/metrics", probes.metrics)
+    if config.server.enable_docs:
+        add_docs_routes(app)
     app.cleanup_ctx.append(_upstream_lifetime)
     return app
 

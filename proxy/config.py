@@ -33,6 +33,7 @@ class ServerConfig:
     send_timeout_s: float = 60.0
     max_body_bytes: int = 20 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
+    enable_docs: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SEND_TIMEOUT": ("server.send_timeout_s", float),
     "MAX_BODY_BYTES": ("server.max_body_bytes", int),
     "TRUSTED_PROXIES": ("server.trusted_proxies", _parse_list),
+    "ENABLE_DOCS": ("server.enable_docs", _parse_bool),
     "UPSTREAM_KIND": ("upstream.kind", str),
     "OLLAMA_URL": ("upstream.url", str),
     "UPSTREAM_API_KEY": ("upstream.api_key", str),
