@@ -103,10 +103,9 @@ def _chat(config: Config) -> Schema:
         504,
     ]
     notes = {403: FORBIDDEN_MODEL}
-    default = error_response(400, CHAT, config)
-    default["description"] = (
-        "The upstream refused the chat: its status, with its message in this error shape."
-    )
+    # chat._upstream_error: the upstream's status, its message in the OpenAI shape.
+    refused = ("The upstream refused the chat: its status, its message.", "model 'x' not found")
+    default = error_response(404, CHAT, config, note=refused, code="upstream_error")
     return {
         "tags": ["gateway"],
         "summary": "One-shot chat, the gateway's own",

@@ -119,6 +119,7 @@ def error_response(
     config: Config,
     *,
     note: Note | None = None,
+    code: str | None = None,
     rate_headers: bool = False,
     body: bool = True,
 ) -> Schema:
@@ -128,7 +129,7 @@ def error_response(
     along (required on a 429, which also carries Retry-After).
     """
     description, message = note or _describe(status, config)
-    codes = codes_by_status().get(status, ["upstream_error"])
+    codes = [code] if code else codes_by_status()[status]
     text = f"{description} Codes: {', '.join(codes)}."
     headers = {"X-Request-ID": header("X-Request-ID", required=True)}
     if status in (429, 503):
