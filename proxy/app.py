@@ -19,6 +19,7 @@ from proxy.config import Config
 from proxy.gateway import GATEWAY, Gateway
 from proxy.metrics import Metrics
 from proxy.middleware import exchange_middleware
+from proxy.openapi.pages import add_docs_routes
 from proxy.routes import INFERENCE, ROUTES, relay_route
 from proxy.shutdown import drain
 
@@ -36,15 +37,15 @@ def create_app(
     inference = (*(p for (_, p), spec in ROUTES.items() if spec.kind == INFERENCE), "/chat")
     gateway = Gateway.build(config, clock, Metrics(registry), inference)
     app[GATEWAY] = gateway
+    # HEAD only where ROUTES says Ollama answers it: elsewhere the router's 405 with Allow.
     for method, path in ROUTES:
-        if method == "GET":
-            app.router.add_get(path, relay_route)  # and HEAD, as Ollama answers it
-        else:
-            app.router.add_route(method, path, relay_route)
+        app.router.add_route(method, path, relay_route)
     app.router.add_post("/chat", chat_route)
     app.router.add_get("/health", probes.health)
     app.router.add_get("/health/ollama", probes.health_upstream)
     app.router.add_get("/metrics", probes.metrics)
+    if config.server.enable_docs:
+        add_docs_routes(app)
     app.on_shutdown.append(_drain)
     app.cleanup_ctx.append(_upstream_lifetime)
     return app

@@ -36,6 +36,7 @@ class ServerConfig:
     max_connections: int = 1024
     max_body_bytes: int = 20 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
+    enable_docs: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_CONNECTIONS": ("server.max_connections", int),
     "MAX_BODY_BYTES": ("server.max_body_bytes", int),
     "TRUSTED_PROXIES": ("server.trusted_proxies", _parse_list),
+    "ENABLE_DOCS": ("server.enable_docs", _parse_bool),
     "UPSTREAM_KIND": ("upstream.kind", str),
     "OLLAMA_URL": ("upstream.url", str),
     "UPSTREAM_API_KEY": ("upstream.api_key", str),

@@ -1,5 +1,6 @@
 """The gateway's own probes: ``/health`` (liveness), ``/health/ollama`` (readiness) and
-``/metrics``. None of them is rate limited, gated or metered as traffic.
+``/metrics``. None of them is rate limited, gated or metered as traffic, and neither is
+the documentation (``openapi.pages``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from aioprometheus.renderer import render
 from proxy import __version__
 from proxy.exchange import EXCHANGE
 from proxy.gateway import GATEWAY
+from proxy.openapi.pages import DOCS_PATHS
 
-UNMETERED = frozenset({"/health", "/health/ollama", "/metrics"})
+UNMETERED = frozenset({"/health", "/health/ollama", "/metrics"}) | DOCS_PATHS
 
 
 async def health(request: web.Request) -> web.Response:

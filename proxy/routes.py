@@ -42,9 +42,12 @@ ROUTES: dict[tuple[str, str], RouteSpec] = {
     ("POST", "/api/embeddings"): RouteSpec(INFERENCE),
     ("POST", "/api/show"): RouteSpec(METADATA),
     ("GET", "/api/tags"): RouteSpec(METADATA),
+    ("HEAD", "/api/tags"): RouteSpec(METADATA),
     ("GET", "/api/ps"): RouteSpec(METADATA),
     ("GET", "/api/version"): RouteSpec(METADATA),
+    ("HEAD", "/api/version"): RouteSpec(METADATA),
     ("GET", "/"): RouteSpec(METADATA),
+    ("HEAD", "/"): RouteSpec(METADATA),
     ("POST", "/api/pull"): RouteSpec(MANAGEMENT),
     ("POST", "/api/push"): RouteSpec(MANAGEMENT),
     ("POST", "/api/create"): RouteSpec(MANAGEMENT),
@@ -64,8 +67,6 @@ _BY_CANONICAL = {(m, re.sub(r"\{(\w+):[^}]+\}", r"{\1}", p)): s for (m, p), s in
 
 def spec_for(method: str, endpoint: str) -> RouteSpec:
     spec = _BY_CANONICAL.get((method, endpoint))
-    if spec is None and method == "HEAD":  # aiohttp answers HEAD on GET routes
-        spec = _BY_CANONICAL.get(("GET", endpoint))
     if spec is None:  # pragma: no cover - every registered route has a spec
         raise web.HTTPMethodNotAllowed(method, [])
     return spec

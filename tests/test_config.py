@@ -51,6 +51,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
             "OLLAMA_URL": "http://b:2",
             "OLLAMA_NUM_PARALLEL": "3",
             "ENABLE_STREAMING": "false",
+            "ENABLE_DOCS": "off",
             "PROXY_API_KEYS": "alice:sk-alice-123,bob:sk-bob-4567:30:5",
             "TRUSTED_PROXIES": "10.0.0.0/8, 172.16.0.0/12",
         },
@@ -58,6 +59,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert config.upstream.url == "http://b:2"
     assert config.limits.parallel == 3
     assert config.limits.enable_streaming is False
+    assert config.server.enable_docs is False
     assert [k.name for k in config.auth.api_keys] == ["alice", "bob"]
     assert config.auth.api_keys[1].requests_per_minute == 30
     assert config.auth.api_keys[1].burst == 5
@@ -70,6 +72,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ({"limits": {"max_qeue": 3}}, "unknown key limits.max_qeue"),
         ({"nope": {}}, "unknown key nope"),
         ({"server": {"port": "80"}}, "server.port: expected an integer"),
+        ({"server": {"enable_docs": "no"}}, "server.enable_docs: expected true or false"),
         ({"server": {"port": 70000}}, "server.port"),
         ({"upstream": {"url": "localhost:11434"}}, "upstream.url"),
         ({"upstream": {"kind": "vllm"}}, "upstream.kind"),

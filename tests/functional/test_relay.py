@@ -318,6 +318,18 @@ async def test_root_and_version_answer_like_ollama(
         assert "version" in await response.json()
 
 
+async def test_head_only_where_ollama_answers_it(
+    gateway: RunningGateway, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    """HEAD /api/ps, which Ollama does not serve, is the gateway's 405 with Allow, not relayed."""
+    async with http.head(gateway.url + "/api/tags") as response:
+        assert response.status == 200
+    async with http.head(gateway.url + "/api/ps") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET"
+    assert [seen.path for seen in fake.seen] == ["/api/tags"]
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_curl_streams_ndjson_lines(gateway: RunningGateway) -> None:
     """curl -N sees the NDJSON stream line by line with the request id header."""
