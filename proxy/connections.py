@@ -150,7 +150,7 @@ class GatewayProtocol(RequestHandler):
         rid = request_id()
         if status == 500:
             reason = "internal gateway error"
-            log.error("request_failed", request_id=rid, error_type=type(exc).__name__)
+            log.error("request_failed", request_id=rid, exc_info=exc)
         else:
             reason = refusal_reason(exc)
             log.warning("request_refused", request_id=rid, status=status, reason=reason)

@@ -16,7 +16,6 @@ from typing import IO, Any, TextIO
 
 import orjson
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict
 
 # Set by the middleware for each request; one ContextVar.set is cheaper than structlog's
@@ -123,27 +122,6 @@ class _LinesLogger:
     fatal = failure = err = error = critical = exception = msg
 
 
-class _MalformedRequests(logging.Filter):
-    """aiohttp logs a request it cannot parse (a control character in a header, a line too
-    long) at ERROR with a traceback, though the client is at fault and got its 400. One
-    warning line instead, without the offending bytes (they may hold a key)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
-            return True
-        structlog.get_logger("proxy.access").warning(
-            "request_malformed",
-            peer=record.args[0] if isinstance(record.args, tuple) and record.args else None,
-            status=exc.code,
-            error=exc.message.strip().partition("\n")[0].rstrip(":"),
-        )
-        return False
-
-
-_MALFORMED = _MalformedRequests()
-
-
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
@@ -172,4 +150,3 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     )
     # aiohttp's own loggers (access log off; errors only) go through the stdlib.
     logging.basicConfig(level=logging.WARNING, stream=out, format="%(name)s %(message)s")
-    logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # addFilter skips a duplicate

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
-from aiohttp.http_exceptions import BadHttpMessage
 
 from proxy.log import REQUEST_ID, configure_logging, request_finished
 
@@ -77,20 +76,3 @@ async def test_lines_of_one_loop_turn_leave_together_and_at_once(sink: Sink) -> 
     await done  # the next turn: the flush scheduled by the first line has run
     events = [json.loads(line).get("request_id", "other") for line in sink.written()]
     assert events == ["a", "b", "c", "other"]
-
-
-def test_a_malformed_request_is_one_warning_without_its_bytes(sink: Sink) -> None:
-    """aiohttp's traceback for a request it cannot parse becomes one line, the header left out."""
-    error = BadHttpMessage("Invalid header value char:\n\n  b'Authorization: Bearer sk-\\x00'")
-    try:
-        raise error
-    except BadHttpMessage:
-        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "10.0.0.7")
-    sink.flush()
-    (line,) = sink.written()
-    event = json.loads(line)
-    assert event["event"] == "request_malformed"
-    assert event["level"] == "warning"
-    assert (event["peer"], event["status"]) == ("10.0.0.7", 400)
-    assert event["error"] == "Invalid header value char"
-    assert "sk-" not in line
