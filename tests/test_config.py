@@ -120,3 +120,24 @@ def test_admin_is_not_a_client_key_name() -> None:
         parse_config({"auth": {"api_keys": [{"name": "admin", "key": "client-key-1"}]}})
     with pytest.raises(ConfigError, match="visible ASCII"):
         parse_config({"auth": {"api_keys": [{"name": "app", "key": "has a space"}]}})
+
+
+def test_by_default_the_gateway_listens_on_this_machine_only() -> None:
+    """As Ollama itself: 127.0.0.1 unless told otherwise."""
+    assert parse_config({}).server.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "gateway.example"])
+def test_a_reachable_address_without_client_keys_is_refused(host: str) -> None:
+    """Other machines could use the model: start only with keys or anonymous access allowed
+    knowingly, and the message names both ways out."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"server": {"host": host}})
+    assert "PROXY_API_KEYS" in str(refused.value)
+    assert "ALLOW_ANONYMOUS=true" in str(refused.value)
+    keys = {"api_keys": [{"name": "app", "key": "app-key-123"}]}
+    assert parse_config({"server": {"host": host}, "auth": keys}).server.host == host
+    anonymous = {"server": {"host": host}, "auth": {"allow_anonymous": True}}
+    assert parse_config(anonymous).auth.allow_anonymous
+    assert parse_config({"server": {"host": "::1"}}).server.host == "::1"
+    assert parse_config({"server": {"host": "localhost"}}).server.host == "localhost"

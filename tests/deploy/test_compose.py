@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import ENV_OVERRIDES, load_config
+from proxy.config import ENV_OVERRIDES, ConfigError, load_config
 from tests.conftest import RunningGateway
 from tests.deploy.compose import (
     DEPLOY,
@@ -79,16 +79,33 @@ def test_gateway_reads_every_variable_the_proxy_service_sets() -> None:
     assert names <= GATEWAY_ENV_NAMES, f"not read by the gateway: {names - GATEWAY_ENV_NAMES}"
 
 
+# What `just deploy` (its _env recipe) adds to deploy/.env: a generated client key.
+GENERATED_KEY = {"PROXY_API_KEYS": "app:generated-key-0123456789"}
+
+
 @pytest.mark.parametrize("profile", ["defaults", ".env.example", "4 GB"])
 def test_proxy_environment_is_a_valid_gateway_config(profile: str) -> None:
-    """The proxy service's environment loads as a valid config that points at the ollama service."""
+    """The proxy service's environment, with the client key `just deploy` generates, loads as
+    a valid config that points at the ollama service."""
     env = {"defaults": {}, ".env.example": env_example(), "4 GB": FOUR_GB_PROFILE}[profile]
-    services = compose(env)["services"]
+    services = compose({**env, **GENERATED_KEY})["services"]
     config = load_config(None, environment(services["proxy"]))
     assert config.upstream.url == "http://ollama:11434"
     assert config.server.port == 8000
     assert config.upstream.default_model == (env.get("OLLAMA_MODEL") or "qwen2.5:7b-instruct-q4_0")
     assert config.limits.parallel == int(environment(services["ollama"])["OLLAMA_NUM_PARALLEL"])
+
+
+def test_the_published_gateway_needs_client_keys_or_anonymous_access_allowed() -> None:
+    """Without a client key the stack's gateway (0.0.0.0 in its container) refuses to start,
+    naming both ways out; ALLOW_ANONYMOUS=true starts it knowingly."""
+    env = environment(compose(env_example())["services"]["proxy"])
+    with pytest.raises(ConfigError, match="ALLOW_ANONYMOUS=true"):
+        load_config(None, env)
+    allowed = environment(
+        compose({**env_example(), "ALLOW_ANONYMOUS": "true"})["services"]["proxy"]
+    )
+    assert load_config(None, allowed).auth.allow_anonymous
 
 
 @pytest.mark.parametrize("value", [None, "3"])
