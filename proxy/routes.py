@@ -16,7 +16,7 @@ from aiohttp import web
 from proxy.admission.admit import Gated, admit
 from proxy.admission.body import body_chunks, read_body
 from proxy.admission.keys import Principal
-from proxy.errors import UnsupportedByBackendError
+from proxy.errors import InvalidRequestError, UnsupportedByBackendError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.gateway import GATEWAY, Gateway
 from proxy.upstream.client import Body
@@ -61,6 +61,8 @@ ROUTES: dict[tuple[str, str], RouteSpec] = {
     ("GET", "/v1/models"): RouteSpec(METADATA, openai=True),
     ("GET", "/v1/models/{model:.+}"): RouteSpec(METADATA, openai=True),
 }
+# A blob's name, as Ollama checks it: nothing that could walk out of its blobs folder.
+_DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
 # By aiohttp's canonical form of each path (``{model:.+}`` becomes ``{model}``).
 _BY_CANONICAL = {(m, re.sub(r"\{(\w+):[^}]+\}", r"{\1}", p)): s for (m, p), s in ROUTES.items()}
 
@@ -85,6 +87,9 @@ async def relay_route(request: web.Request) -> web.StreamResponse:
     exchange.client = principal.name
     if spec.kind == MANAGEMENT:
         gateway.access.require_admin(principal)
+        digest = request.match_info.get("digest")
+        if digest is not None and not _DIGEST.fullmatch(digest):
+            raise InvalidRequestError("invalid blob digest: expected sha256:<64 hex digits>")
     if spec.kind == INFERENCE:
         return await infer(request, gateway, exchange, principal, spec)
     server = gateway.config.server

@@ -11,7 +11,9 @@ drive thousands of requests a second through it.
 What it adds for tests:
 
 - failure modes (`ok`, `busy`, `not_found`, `error500`, `hang`, `stall`, `midstream_error`,
-  `drop`), server-wide through `config.mode` or per request with the `X-Fake-Mode` header;
+  `drop`, and `malformed`: a line or event that is not JSON, then a clean end, which is not
+  Ollama's but a broken upstream's), server-wide through `config.mode` or per request with
+  the `X-Fake-Mode` header;
   they apply to the inference routes (generate, chat, embed, embeddings and their /v1 forms);
 - pacing: cold `load_s`, `ttft_s` and `token_interval_s`, with `num_parallel` slots and an
   unbounded FIFO wait beyond them, as Ollama behaves for a warm model;

@@ -8,7 +8,7 @@ MODE_HEADER = "X-Fake-Mode"
 
 # Every failure mode the fake knows; `ok` is the absence of failure.
 MODES = frozenset(
-    {"ok", "busy", "not_found", "error500", "hang", "stall", "midstream_error", "drop"}
+    {"ok", "busy", "not_found", "error500", "hang", "stall", "midstream_error", "drop", "malformed"}
 )
 
 

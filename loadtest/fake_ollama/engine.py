@@ -24,7 +24,11 @@ from .recorder import Exchange
 if TYPE_CHECKING:
     from .server import FakeOllama
 
-_FAILING_MODES = frozenset({"stall", "midstream_error", "drop"})
+_FAILING_MODES = frozenset({"stall", "midstream_error", "drop", "malformed"})
+# Not Ollama's: what a broken upstream (or a proxy between) might send, then end cleanly.
+_MALFORMED_LINE = b'{"model": "broken\n'
+_MALFORMED_EVENT = b'data: {"choices": [broken\n\n'
+
 _JSON_STARTS = frozenset('{["-0123456789tfn')
 
 
@@ -244,9 +248,12 @@ class Generation:
             await self.ex.hang()
         if self.adm.mode == "drop":
             return self.ex.abort()
-        if error_chunk is not None:
-            await self.ex.send(error_chunk)
         assert self.ex.response is not None, "fail_stream() runs after the stream started"
+        if self.adm.mode == "malformed":
+            sse = self.ex.response.content_type == "text/event-stream"
+            await self.ex.send(_MALFORMED_EVENT if sse else _MALFORMED_LINE)
+        elif error_chunk is not None:
+            await self.ex.send(error_chunk)
         return self.ex.response
 
     async def fail_silently(self) -> web.StreamResponse | None:
