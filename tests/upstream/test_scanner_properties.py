@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
-import re
 import zlib
 from dataclasses import dataclass
 from random import Random
@@ -23,8 +22,8 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from openai._streaming import SSEDecoder, _SSELineDecoder
 
+from proxy.frames import FrameSplitter
 from proxy.upstream.encodings import decoder_for
 from proxy.upstream.scanners import (
     DecodingScanner,
@@ -33,6 +32,15 @@ from proxy.upstream.scanners import (
     Scanner,
     SseScanner,
     has_marker,
+)
+from tests.reference import (
+    Reading,
+    event_object,
+    raw_events,
+    read_document,
+    read_ndjson,
+    read_sse,
+    sse_events,
 )
 
 # Deterministic in CI: the same examples on every run (a failure found once is kept by
@@ -177,41 +185,6 @@ def encode_ndjson(stream: Logical, rnd: Random) -> bytes:
     return body.encode()
 
 
-@dataclass
-class Expected:
-    complete: bool = False
-    error: str | None = None
-    usage: tuple[int, int] | None = None
-    content_chunks: int = 0
-
-
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message")) if error.get("message") else json.dumps(error)
-    return str(error)
-
-
-def _count(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
-def reference_ndjson(body: bytes) -> Expected:
-    """What the ``ollama`` SDK reads: ``json.loads`` on each non-blank line, in order."""
-    seen = Expected()
-    for line in body.split(b"\n"):
-        if not line.strip():
-            continue
-        obj = json.loads(line)
-        if obj.get("error") and seen.error is None:
-            seen.error = _error_text(obj["error"])
-        if obj.get("done") is True:
-            seen.complete = True
-            seen.usage = (_count(obj.get("prompt_eval_count")), _count(obj.get("eval_count")))
-        else:
-            seen.content_chunks += 1
-    return seen
-
-
 # ---- SSE --------------------------------------------------------------------------------
 
 
@@ -308,81 +281,6 @@ def encode_sse(stream: Logical, rnd: Random) -> bytes:
     return "".join(lines.parts).encode()
 
 
-def sse_events(body: bytes) -> list[tuple[str, str | None]]:
-    """The openai SDK's decoder on ``body``: (event name, data) of each event it dispatches,
-    plus a last event the body ends without an empty line (as the gateway treats it).
-    Events with no data are not dispatched (WHATWG: an empty data buffer dispatches none)."""
-    decoder = SSEDecoder()
-    lines = _SSELineDecoder()
-    events: list[tuple[str, str | None]] = []
-    for line in [*lines.feed(body), *lines.finish()]:
-        event = decoder.decode(line.decode("utf-8"))
-        if event is not None and event.data:
-            events.append((event.event or "message", event.data))
-    event = decoder.decode("")
-    if event is not None and event.data:
-        events.append((event.event or "message", event.data))
-    return events
-
-
-def reference_sse(body: bytes, *, count_chunks: bool) -> Expected:
-    """What the ``openai`` SDK's stream reads: events until ``[DONE]``; an event whose data
-    has a truthy ``error`` raises; the last ``usage`` is the count."""
-    seen = Expected()
-    for _, data in sse_events(body):
-        assert data is not None
-        if data.startswith("[DONE]"):
-            seen.complete = True
-            break
-        obj = json.loads(data)
-        if obj.get("error") and seen.error is None:
-            seen.error = _error_text(obj["error"])
-        if isinstance(obj.get("usage"), dict):
-            usage = obj["usage"]
-            seen.usage = (
-                _count(usage.get("prompt_tokens")),
-                _count(usage.get("completion_tokens")),
-            )
-        if count_chunks and _has_content(obj):
-            seen.content_chunks += 1
-    return seen
-
-
-def _has_content(obj: dict[str, Any]) -> bool:
-    for choice in obj.get("choices") or []:
-        delta = choice.get("delta") or {}
-        if delta.get("content") or choice.get("text"):
-            return True
-    return False
-
-
-_SSE_LINE = re.compile(rb"\r\n|\r|\n")
-
-
-def raw_events(body: bytes) -> list[bytes]:
-    """``body`` cut into the raw bytes of its events, each with the empty line that ends it
-    (the last one to the end of the body), by the WHATWG line rules."""
-    events, start, pos = [], 0, 0
-    while pos < len(body):
-        match = _SSE_LINE.search(body, pos)
-        end, after = (match.start(), match.end()) if match else (len(body), len(body))
-        if end == pos:  # an empty line
-            events.append(body[start:after])
-            start = after
-        pos = after
-    if start < len(body):
-        events.append(body[start:])
-    return events
-
-
-def _event_object(raw: bytes) -> dict[str, Any] | None:
-    found = sse_events(raw)
-    if not found or found[0][1] is None or found[0][1].startswith("[DONE]"):
-        return None
-    obj = json.loads(found[0][1])
-    return obj if isinstance(obj, dict) else None
-
-
 def check_stripped(body: bytes, out: bytes) -> None:
     """``out`` is ``body`` without the usage-only event, and with each per-chunk usage
     removed from its event (the rest of that event's data unchanged); every other event's
@@ -391,7 +289,7 @@ def check_stripped(body: bytes, out: bytes) -> None:
     expected: list[tuple[bytes, dict[str, Any] | None]] = []
     done = False
     for raw in sent:
-        obj = None if done else _event_object(raw)
+        obj = None if done else event_object(raw)
         done = done or any(data and data.startswith("[DONE]") for _, data in sse_events(raw))
         if obj is None or not isinstance(obj.get("usage"), dict):
             expected.append((raw, None))
@@ -404,7 +302,7 @@ def check_stripped(body: bytes, out: bytes) -> None:
         if want_obj is None:
             assert raw == want_raw
         else:
-            assert _event_object(raw) == want_obj
+            assert event_object(raw) == want_obj
 
 
 # ---- feeding ----------------------------------------------------------------------------
@@ -429,14 +327,19 @@ def splits(body: bytes, rnd: Random) -> list[list[bytes]]:
     return ways
 
 
-def learned(scanner: Scanner) -> Expected:
+Decisions = tuple[bool, str | None, tuple[int, int] | None, int]
+
+
+def learned(scanner: Scanner) -> Decisions:
+    """What the scanner decided: complete, error, usage, content chunks."""
     usage = scanner.usage
-    return Expected(
-        complete=scanner.complete,
-        error=scanner.error,
-        usage=None if usage is None else (usage.prompt_tokens or 0, usage.completion_tokens or 0),
-        content_chunks=scanner.content_chunks,
-    )
+    counts = None if usage is None else (usage.prompt_tokens or 0, usage.completion_tokens or 0)
+    return scanner.complete, scanner.error, counts, scanner.content_chunks
+
+
+def decisions(reading: Reading) -> Decisions:
+    """The same, as the reference parse read them."""
+    return reading.complete, reading.error, reading.usage, reading.content_chunks
 
 
 # ---- the properties ---------------------------------------------------------------------
@@ -447,7 +350,7 @@ def learned(scanner: Scanner) -> Expected:
 def test_ndjson_scanner_reads_what_the_ollama_sdk_reads(stream: Logical, rnd: Random) -> None:
     """Any legal NDJSON, cut anywhere, is forwarded unchanged and read as json.loads reads it."""
     body = encode_ndjson(stream, rnd)
-    want = reference_ndjson(body)
+    want = decisions(read_ndjson(body))
     for chunks in splits(body, rnd):
         scanner = NdjsonScanner()
         assert run(scanner, chunks) == body
@@ -462,7 +365,7 @@ def test_sse_scanner_reads_what_the_openai_sdk_reads(
     """Any legal SSE, cut anywhere, is forwarded unchanged (minus the usage the gateway
     asked for) and read as the openai SDK's decoder reads it."""
     body = encode_sse(stream, rnd)
-    want = reference_sse(body, count_chunks=count_chunks)
+    want = decisions(read_sse(body, count_chunks=count_chunks))
     for chunks in splits(body, rnd):
         scanner = SseScanner(strip_usage=strip_usage, count_chunks=count_chunks)
         out = run(scanner, chunks)
@@ -505,22 +408,12 @@ def test_json_scanner_reads_any_whitespace(stream: Logical, rnd: Random, openai:
     obj = _openai_answer(stream) if openai else _native_answer(stream)
     tokens = json_tokens(obj, rnd, ensure_ascii=rnd.random() < 0.5)
     body = join_tokens(tokens, rnd, ["", " ", "\n", "\r\n", "\t", "\n    "]).encode()
-    parsed = json.loads(body)
+    reading = read_document(body, openai=openai)
+    want = (True, reading.error, None if reading.error else reading.usage, 0)
     for chunks in splits(body, rnd):
         scanner = JsonScanner(openai=openai)
         assert run(scanner, chunks) == body
-        got = learned(scanner)
-        if "error" in parsed:
-            assert got.error == _error_text(parsed["error"])
-            assert got.usage is None
-            continue
-        assert got.error is None
-        if openai:
-            usage = parsed.get("usage")
-            want = None if usage is None else (usage["prompt_tokens"], usage["completion_tokens"])
-        else:
-            want = (_count(parsed.get("prompt_eval_count")), _count(parsed.get("eval_count")))
-        assert got.usage == want
+        assert learned(scanner) == want
 
 
 def compress(body: bytes, coding: str, rnd: Random) -> bytes:
@@ -544,10 +437,10 @@ def test_a_compressed_stream_is_forwarded_as_it_came_and_read_decoded(
     read as a client reads the decoded stream."""
     if framing == "ndjson":
         plain = encode_ndjson(stream, rnd)
-        want = reference_ndjson(plain)
+        want = decisions(read_ndjson(plain))
     else:
         plain = encode_sse(stream, rnd)
-        want = reference_sse(plain, count_chunks=True)
+        want = decisions(read_sse(plain))
     body = compress(plain, coding, rnd)
     factory = decoder_for(coding)
     assert factory is not None
@@ -571,3 +464,22 @@ def test_the_marker_prefilter_finds_any_spelling_of_a_key(
     for name in (key, spelled):
         data = before + b'"' + name + b'"' + after
         assert has_marker(data, (b'"done"', b'"error"', b"usage", b"[DONE]")) >= 0
+
+
+@PROPERTIES
+@given(logical_streams(), st.randoms(use_true_random=True), st.booleans())
+def test_the_frame_splitter_gives_what_the_sdks_read(
+    stream: Logical, rnd: Random, sse: bool
+) -> None:
+    """/chat's reader (FrameSplitter), cut anywhere, gives the payloads the SDKs read:
+    each SSE event's data, each NDJSON line."""
+    if sse:
+        body = encode_sse(stream, rnd)
+        want = [data.encode() for _, data in sse_events(body)]
+    else:
+        body = encode_ndjson(stream, rnd)
+        want = [line.strip() for line in body.split(b"\n") if line.strip()]
+    for chunks in splits(body, rnd):
+        splitter = FrameSplitter(sse=sse)
+        got = [payload for chunk in chunks for payload in splitter.feed(chunk)]
+        assert [*got, *splitter.finish()] == want
