@@ -5,6 +5,7 @@ with what these read from the same bytes."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import zlib
@@ -153,23 +154,38 @@ def event_object(raw: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def without_usage_event(body: bytes) -> bytes:
-    """``body`` minus the usage-only event (``choices: []``), which the gateway asked for."""
-    kept = []
-    for raw in raw_events(body):
-        obj = event_object(raw)
-        if obj is not None and obj.get("choices") == [] and isinstance(obj.get("usage"), dict):
-            continue
-        kept.append(raw)
-    return b"".join(kept)
+def check_stripped(body: bytes, out: bytes) -> None:
+    """``out`` is ``body`` without the usage-only event, and with each per-chunk usage
+    removed from its event (the rest of that event's data unchanged); every other event's
+    bytes are the same."""
+    sent, got = raw_events(body), raw_events(out)
+    expected: list[tuple[bytes, dict[str, Any] | None]] = []
+    done = False
+    for raw in sent:
+        obj = None if done else event_object(raw)
+        done = done or any(data and data.startswith("[DONE]") for _, data in sse_events(raw))
+        if obj is None or not isinstance(obj.get("usage"), dict):
+            expected.append((raw, None))
+        elif obj.get("choices") != []:
+            del obj["usage"]
+            expected.append((raw, obj))
+        # else: the usage-only event, which the gateway asked for: dropped
+    assert len(got) == len(expected), f"{len(got)} events where {len(expected)} were expected"
+    for raw, (want_raw, want_obj) in zip(got, expected, strict=True):
+        if want_obj is None:
+            assert raw == want_raw
+        else:
+            assert event_object(raw) == want_obj
 
 
 def decode(body: bytes, coding: str) -> bytes | None:
     """A body's bytes decoded from its content coding; None for one Python cannot read."""
     if coding == "identity":
         return body
-    if coding in ("gzip", "x-gzip", "deflate"):
-        return zlib.decompress(body, 32 + zlib.MAX_WBITS)  # gzip or zlib, by their header
+    if coding in ("gzip", "x-gzip"):
+        return gzip.decompress(body)  # every member (RFC 1952: a series of members)
+    if coding == "deflate":
+        return zlib.decompress(body)  # the zlib format (RFC 9110 section 8.4.1.2)
     return None
 
 
