@@ -22,6 +22,9 @@ from proxy.config import parse_config
 from proxy.gateway import GATEWAY, Gateway
 from proxy.listen import listening_sockets
 
+# The corpus's checks live beside the tests that call them: pytest explains their asserts too.
+pytest.register_assert_rewrite("tests.reference", "tests.functional.corpus")
+
 MODEL = "llama3.2:latest"
 
 
