@@ -13,6 +13,7 @@ a ``\\u00XX`` escape that could spell a key in disguise) is never parsed.
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import orjson
@@ -305,7 +306,7 @@ class SseScanner(Scanner):
             return None
         # /v1/completions repeats a zeroed usage on every chunk when usage was asked for.
         del obj["usage"]
-        return _with_data(raw, orjson.dumps(obj))
+        return _with_data(raw, _dumps(obj))
 
 
 def _has_content(obj: dict[str, object]) -> bool:
@@ -322,6 +323,15 @@ def _has_content(obj: dict[str, object]) -> bool:
         ):
             return True
     return False
+
+
+def _dumps(obj: dict[str, object]) -> bytes:
+    """``obj`` as compact JSON; a lone surrogate (which orjson will not write) as the
+    ``\\uXXXX`` escape it came as."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _with_data(raw: bytes, data: bytes) -> bytes:

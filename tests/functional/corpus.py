@@ -116,6 +116,7 @@ class Case:
     """One legal way for an upstream to write its answers."""
 
     name: str
+    texts: tuple[str, ...] = TEXTS  # what the model says, chunk by chunk
     # the body: JSON style
     separators: tuple[str, str] = (",", ":")  # Go's encoding/json
     indent: int | None = None  # documents (and SSE data, over several data lines)
@@ -193,7 +194,7 @@ def native_lines(case: Case) -> list[dict[str, Any]]:
     chunks: list[dict[str, Any]] = [
         {"model": MODEL, "created_at": CREATED_AT,
          "message": {"role": "assistant", "content": text}, "done": False}
-        for text in TEXTS
+        for text in case.texts
     ]  # fmt: skip
     if case.error:
         return [*chunks[:1], {"error": IN_BODY_ERROR}]
@@ -223,7 +224,7 @@ def sse_chunks(case: Case, *, text_completion: bool = False) -> list[dict[str, A
                   "finish_reason": finish}  # fmt: skip
         return {**head, "choices": [choice]}
 
-    chunks = [chunk(text, None) for text in TEXTS]
+    chunks = [chunk(text, None) for text in case.texts]
     if case.error:
         return [*chunks[:1], {"error": _OPENAI_ERROR}]
     usage: dict[str, Any] = {**head, "choices": [], "usage": _USAGE}
@@ -234,7 +235,7 @@ def sse_chunks(case: Case, *, text_completion: bool = False) -> list[dict[str, A
 
 def document(case: Case, kind: str) -> dict[str, Any]:
     """A non-streamed answer: native, OpenAI or the model list."""
-    text = "".join(TEXTS)
+    text = "".join(case.texts)
     if kind == "native":
         answer: dict[str, Any] = {
             "model": MODEL, "created_at": CREATED_AT,

@@ -121,6 +121,9 @@ CASES = [
     replace(CHUNKED, name="python-json-separators", separators=(", ", ": ")),
     Case("json-indent", separators=(", ", ": "), indent=2),
     replace(CHUNKED, name="escaped-keys-ensure-ascii", ensure_ascii=True, escape_keys=True),
+    # Half an emoji, as a Python server writes it (Go writes U+FFFD): orjson refuses it.
+    replace(CHUNKED, name="lone-surrogate-escapes", ensure_ascii=True,
+            texts=("Hé", 'llo, "w\ud83d" ', "end\n")),
     replace(CHUNKED, name="crlf-line-ends", eol="\r\n", sse_eol="\r\n"),
     Case("no-final-newline-no-blank-after-done", final_newline=False, done_blank=False),
     Case("sse-cr-only", sse_eol="\r", cut=mid_line),

@@ -53,9 +53,9 @@ PROPERTIES = settings(
 )
 
 # Text a model may write: quotes, backslashes, control characters, non-ASCII (two, three and
-# four UTF-8 bytes), and the very markers the scanners search for.
+# four UTF-8 bytes), half an emoji (a lone surrogate), and the markers the scanners look for.
 _TRICKY = ['"', "\\", "/", "\n", "\r", "\t", "é", "€", "😀", "中", '"done"', "usage", "[DONE]",
-           "data: ", "error", "\\u0064", '{"done": true}', "\u2028"]  # fmt: skip
+           "data: ", "error", "\\u0064", '{"done": true}', "\u2028", "\ud83d"]  # fmt: skip
 TEXT = st.lists(
     st.one_of(st.sampled_from(_TRICKY), st.characters(blacklist_categories=("Cs",))),
     max_size=8,
@@ -130,7 +130,10 @@ def json_tokens(value: Any, rnd: Random, *, ensure_ascii: bool) -> list[str]:
                 tokens.append(",")
             tokens += json_tokens(item, rnd, ensure_ascii=ensure_ascii)
         return [*tokens, "]"]
-    literal = json.dumps(value, ensure_ascii=ensure_ascii)
+    # A lone surrogate has no UTF-8: a server writes it as a \uXXXX escape (RFC 8259 section
+    # 8.2 allows the escape; Python's json reads it), whatever it does with other text.
+    lone = isinstance(value, str) and any("\ud800" <= c <= "\udfff" for c in value)
+    literal = json.dumps(value, ensure_ascii=ensure_ascii or lone)
     if isinstance(value, str):
         literal = _escape_letters(literal, rnd)
         if rnd.random() < 0.5:
