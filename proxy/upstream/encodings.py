@@ -53,6 +53,10 @@ class _Members:
         window = self._FIRST_WINDOW
         while pos < len(view) and not (max_length and size >= max_length):
             if self._current.eof:
+                while pos < len(view) and view[pos] == 0:
+                    pos += 1  # zero padding after a member, which gzip(1) skips too
+                if pos == len(view):
+                    break
                 self._current = zlib.decompressobj(self._wbits)
                 window = self._FIRST_WINDOW
             piece = view[pos : pos + window]

@@ -54,3 +54,10 @@ def test_a_limited_call_keeps_the_input_it_did_not_reach() -> None:
     rest = decompressor.decompress(decompressor.unconsumed_tail)
     assert first + rest == b"a" * 1000 + b"b" * 10
     assert decompressor.unconsumed_tail == b""
+
+
+def test_zero_padding_after_the_last_member_is_skipped() -> None:
+    """Zeros after a member (gzip(1) and Python's gzip skip them) are not a broken body."""
+    body = gzip.compress(b"one\n") + b"\0" * 3
+    assert _decode("gzip", body, step=2, max_length=0) == b"one\n"
+    assert _decode("gzip", body + gzip.compress(b"two\n"), step=5, max_length=0) == b"one\ntwo\n"
