@@ -13,6 +13,7 @@ relay's scanners use the same event parser behind their fast path.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,11 +25,20 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 def json_object(raw: bytes) -> dict[str, Any] | None:
-    """``raw`` parsed as JSON, if it is an object; None for anything else."""
+    """``raw`` parsed as JSON, if it is an object; None for anything else.
+
+    orjson refuses some JSON that Python's ``json`` (under the ``ollama`` and ``openai``
+    SDKs) reads: a lone surrogate escape such as ``"\\ud83d"`` (half an emoji; RFC 8259
+    section 8.2 allows it), a number beyond a double. What orjson refuses is parsed again
+    by ``json``, so the gateway reads what a client reads; only text that is not JSON at
+    all pays for two parses."""
     try:
         obj = orjson.loads(raw)
     except ValueError:
-        return None
+        try:
+            obj = json.loads(raw)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+            return None
     return obj if isinstance(obj, dict) else None
 
 

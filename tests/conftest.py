@@ -24,6 +24,9 @@ from proxy.gateway import GATEWAY, Gateway
 from proxy.listen import listening_sockets
 from proxy.server import gateway_runner
 
+# The corpus's checks live beside the tests that call them: pytest explains their asserts too.
+pytest.register_assert_rewrite("tests.reference", "tests.functional.corpus")
+
 MODEL = "llama3.2:latest"
 
 

@@ -48,3 +48,12 @@ def test_json_object_is_an_object_or_none() -> None:
     assert json_object(b"[1]") is None
     assert json_object(b"[DONE]") is None
     assert json_object(b"") is None
+
+
+def test_json_that_orjson_refuses_is_read_as_python_reads_it() -> None:
+    """A lone surrogate escape (half an emoji) and a number beyond a double are JSON the
+    SDKs read: so does the gateway. Text that is not JSON, or not UTF-8, is still None."""
+    assert json_object(b'{"done":true,"t":"w\\ud83d"}') == {"done": True, "t": "w\ud83d"}
+    assert json_object(b'{"x":1e400}') == {"x": float("inf")}
+    assert json_object(b"[DONE]") is None
+    assert json_object(b'{"t":"\xff"}') is None

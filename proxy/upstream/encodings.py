@@ -25,14 +25,67 @@ class Decompressor(Protocol):
 _MAX_DECODED = 64 * 1024 * 1024  # a gzip bomb stops here
 
 
+class _Members:
+    """A body of one or more members, one after another (RFC 1952: a gzip body is "a series
+    of members"; a streaming compressor may close one per flush). zlib decodes one member
+    and stops; each next member gets a fresh decompressor, as aiohttp's client does.
+
+    Input goes in through a window that grows to 64 KB: a finished decompressor copies
+    all the input after its member, which would be quadratic over many small members."""
+
+    _FIRST_WINDOW = 64
+    _MAX_WINDOW = 64 * 1024
+
+    def __init__(self, wbits: int) -> None:
+        self._wbits = wbits
+        self._current = zlib.decompressobj(wbits)
+        self._tail = b""
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        """Input left over because ``max_length`` was reached."""
+        return self._tail
+
+    def decompress(self, data: bytes, max_length: int = 0, /) -> bytes:
+        view = memoryview(data)
+        parts: list[bytes] = []
+        size = pos = 0
+        window = self._FIRST_WINDOW
+        while pos < len(view) and not (max_length and size >= max_length):
+            if self._current.eof:
+                while pos < len(view) and view[pos] == 0:
+                    pos += 1  # zero padding after a member, which gzip(1) skips too
+                if pos == len(view):
+                    break
+                self._current = zlib.decompressobj(self._wbits)
+                window = self._FIRST_WINDOW
+            piece = view[pos : pos + window]
+            part = self._current.decompress(piece, max_length - size if max_length else 0)
+            parts.append(part)
+            size += len(part)
+            if self._current.eof:
+                pos += len(piece) - len(self._current.unused_data)
+            elif self._current.unconsumed_tail:  # max_length reached inside this piece
+                pos += len(piece) - len(self._current.unconsumed_tail)
+                break
+            else:
+                pos += len(piece)
+                window = min(window * 2, self._MAX_WINDOW)
+        self._tail = bytes(view[pos:])
+        return b"".join(parts)
+
+    def flush(self, length: int = zlib.DEF_BUF_SIZE, /) -> bytes:
+        return self._current.flush(length)
+
+
 def _gzip() -> Decompressor:
-    return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    return _Members(16 + zlib.MAX_WBITS)
 
 
 def _deflate() -> Decompressor:
     # "deflate" means a zlib stream (RFC 9110 section 8.4.1.2); some servers send it raw,
     # which the automatic header detection does not cover, so zlib's is asked for.
-    return zlib.decompressobj(32 + zlib.MAX_WBITS)
+    return _Members(32 + zlib.MAX_WBITS)
 
 
 _DECODERS: dict[str, Callable[[], Decompressor]] = {

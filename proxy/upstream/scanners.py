@@ -13,6 +13,7 @@ a ``\\u00XX`` escape that could spell a key in disguise) is never parsed.
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import orjson
@@ -305,7 +306,7 @@ class SseScanner(Scanner):
             return None
         # /v1/completions repeats a zeroed usage on every chunk when usage was asked for.
         del obj["usage"]
-        return _with_data(raw, orjson.dumps(obj))
+        return _with_data(raw, _dumps(obj))
 
 
 def _has_content(obj: dict[str, object]) -> bool:
@@ -324,19 +325,35 @@ def _has_content(obj: dict[str, object]) -> bool:
     return False
 
 
+def _dumps(obj: dict[str, object]) -> bytes:
+    """``obj`` as compact JSON; a lone surrogate (which orjson will not write) as the
+    ``\\uXXXX`` escape it came as."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def _with_data(raw: bytes, data: bytes) -> bytes:
     """``raw``'s event with its data lines replaced by one ``data: {data}`` line; its other
-    lines and its line ends kept."""
+    lines and its line ends kept.
+
+    The new line takes the place and the line end of the *last* data line: the line after
+    it is then the one that followed that line end before. (In the first data line's
+    place, a lone CR could meet an empty line's LF and read as one CRLF: the event would
+    lose its end and run into the next.)"""
+    lines = raw.splitlines(keepends=True)
+    is_data = [
+        (content := line.rstrip(b"\r\n")).startswith(b"data") and content[4:5] in (b":", b"")
+        for line in lines
+    ]
+    last = len(is_data) - 1 - is_data[::-1].index(True)
     out: list[bytes] = []
-    replaced = False
-    for line in raw.splitlines(keepends=True):
-        content = line.rstrip(b"\r\n")
-        if content.startswith(b"data") and content[4:5] in (b":", b""):
-            if not replaced:
-                out.append(b"data: " + data + line[len(content) :])
-                replaced = True
-            continue
-        out.append(line)
+    for i, line in enumerate(lines):
+        if i == last:
+            out.append(b"data: " + data + line[len(line.rstrip(b"\r\n")) :])
+        elif not is_data[i]:
+            out.append(line)
     return b"".join(out)
 
 

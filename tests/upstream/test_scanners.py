@@ -126,6 +126,25 @@ def test_sse_removes_zeroed_per_chunk_usage_of_completions() -> None:
     assert first["choices"][0]["text"] == "Hi"
 
 
+@pytest.mark.parametrize("size", [1, 1000])
+def test_sse_stripping_a_per_chunk_usage_keeps_the_event_end_with_mixed_line_ends(
+    size: int,
+) -> None:
+    """Found by the SSE property (test_scanner_properties.py): the rewritten data line must
+    not join a lone CR with the empty line's LF into one CRLF, which would run the event
+    into the next one (the client would read data "{...}\n[DONE]")."""
+    body = (
+        b'data: {"choices":[{"text":"a","index":0}],\r'
+        b'data: "usage":{"prompt_tokens":0,"completion_tokens":0}}\r\n'
+        b"\n"
+        b"data: [DONE]\n\n"
+    )
+    scanner = SseScanner(strip_usage=True)
+    out = _feed_all(scanner, [body[i : i + size] for i in range(0, len(body), size)])
+    assert out == b'data: {"choices":[{"text":"a","index":0}]}\r\n\ndata: [DONE]\n\n'
+    assert scanner.complete
+
+
 def test_sse_without_done_is_incomplete_and_crlf_frames_are_understood() -> None:
     """sse-starlette's CRLF frames parse; a stream cut before [DONE] is not complete."""
     crlf = b"data: " + json.dumps(CHUNK).encode() + b"\r\n\r\n"
