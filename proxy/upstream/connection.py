@@ -337,13 +337,19 @@ class UpstreamResponse:
         self.status = status
         self.headers = headers = CIMultiDict(self.raw_headers)
         codings = _codings(headers.getall("Transfer-Encoding", ()))
-        if codings:
+        if self.head_only or status in (204, 304):
+            # No body, whatever the framing says (RFC 9112 section 6.3 rule 1). llhttp does
+            # not know the request was HEAD, so the connection's fate is read here.
+            self.framed = True
+            self.keep_alive = _persistent(self.parser.get_http_version(), headers)
+        elif codings:
             self.framed = codings[-1] == "chunked"
             self.keep_alive = self.framed and "Content-Length" not in headers
         else:
             self.framed = "Content-Length" in headers
             self.keep_alive = self.framed
-        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+        if not self.head_only:
+            self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         if self.keep_alive and self._connection is not None:
             self._honour_keep_alive(self._connection, headers.get("Keep-Alive"))
         if not self.headers_done.done():
@@ -432,6 +438,14 @@ class UpstreamResponse:
 
     def _connection_loop(self) -> asyncio.AbstractEventLoop:
         return self.headers_done.get_loop()
+
+
+def _persistent(version: str, headers: CIMultiDict[str]) -> bool:
+    """Whether a connection persists after this response (RFC 9112 section 9.3)."""
+    options = {o.strip().lower() for v in headers.getall("Connection", ()) for o in v.split(",")}
+    if version == "1.1":
+        return "close" not in options
+    return "keep-alive" in options
 
 
 def _codings(values: list[str] | tuple[()]) -> list[str]:

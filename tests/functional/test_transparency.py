@@ -140,8 +140,7 @@ CASES = [
     replace(CHUNKED, name="huge-line-3mb", huge=True, cut=every(16384)),
     replace(CHUNKED, name="upstream-error-in-body", error=True),
     replace(CHUNKED, name="stream-ends-without-done", end=False),
-    # Keep-alive after a 204 without Content-Length: see the xfail test below.
-    Case("metadata-204", status=204, families=(TAGS, TAGS_HEAD), check_reuse=False),
+    Case("metadata-204", status=204, families=(TAGS, TAGS_HEAD)),
     Case("metadata-304-with-content-length", status=304, families=(TAGS, TAGS_HEAD)),
 ]  # fmt: skip
 
@@ -176,14 +175,6 @@ async def test_a_legal_upstream_reads_the_same_through_the_gateway(
         await upstream.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/upstream/connection.py (on_headers_complete) keeps a connection only for a "
-    "response with Content-Length or chunked framing, but a 204, a 304 or an answer to HEAD "
-    "has no body whatever its framing (RFC 9112 section 6.3 rule 1): without a length each "
-    "is closed. For HEAD, llhttp's should_keep_alive() is False too (it does not know the "
-    "request was HEAD and expects a body until close)",
-)
 @pytest.mark.parametrize(("status", "name"), [(204, TAGS), (304, TAGS), (200, TAGS_HEAD)])
 async def test_a_bodiless_answer_without_length_keeps_its_connection(
     status: int, name: str, gateway_factory: GatewayFactory, session: aiohttp.ClientSession,
