@@ -37,9 +37,18 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         try:
             obj = json.loads(raw)
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             return None
     return obj if isinstance(obj, dict) else None
+
+
+def json_bytes(obj: dict[str, Any]) -> bytes:
+    """``obj`` as compact JSON; a lone surrogate (which orjson will not write) as the
+    ``\\uXXXX`` escape it came as."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 @dataclass(slots=True)

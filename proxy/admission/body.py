@@ -8,6 +8,7 @@ re-serialised only when something in it changed.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from proxy.errors import (
     ForbiddenError,
     InvalidRequestError,
 )
+from proxy.frames import json_bytes
 
 
 @dataclass(slots=True)
@@ -74,12 +76,18 @@ async def body_chunks(request: web.Request, timeout_s: float) -> AsyncIterator[b
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or 400 saying why not. What orjson refuses but
+    Python's ``json`` reads (a lone surrogate escape, as Ollama's Go decoder takes too) is
+    taken, so the gateway refuses nothing its upstream would accept."""
     if not raw.strip():
         raise InvalidRequestError("missing request body: expected a JSON object")
     try:
         obj = orjson.loads(raw)
     except ValueError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise InvalidRequestError("request body must be a JSON object")
     return obj
@@ -173,7 +181,7 @@ class Policy:
         if changed:
             if options:
                 obj["options"] = options
-            prepared.body = orjson.dumps(obj)
+            prepared.body = json_bytes(obj)
         return prepared
 
 

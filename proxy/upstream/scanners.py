@@ -13,13 +13,17 @@ a ``\\u00XX`` escape that could spell a key in disguise) is never parsed.
 
 from __future__ import annotations
 
-import json
 import zlib
 
-import orjson
-
 from proxy.dialects import Usage, error_text, usage_from_native, usage_from_openai
-from proxy.frames import first_boundary, is_open_cr, json_object, last_boundary, parse_events
+from proxy.frames import (
+    first_boundary,
+    is_open_cr,
+    json_bytes,
+    json_object,
+    last_boundary,
+    parse_events,
+)
 from proxy.upstream.encodings import Decompressor
 
 # A final Ollama line with a large ``context`` array can be hundreds of KB; Ollama's own Go
@@ -306,7 +310,7 @@ class SseScanner(Scanner):
             return None
         # /v1/completions repeats a zeroed usage on every chunk when usage was asked for.
         del obj["usage"]
-        return _with_data(raw, _dumps(obj))
+        return _with_data(raw, json_bytes(obj))
 
 
 def _has_content(obj: dict[str, object]) -> bool:
@@ -323,15 +327,6 @@ def _has_content(obj: dict[str, object]) -> bool:
         ):
             return True
     return False
-
-
-def _dumps(obj: dict[str, object]) -> bytes:
-    """``obj`` as compact JSON; a lone surrogate (which orjson will not write) as the
-    ``\\uXXXX`` escape it came as."""
-    try:
-        return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _with_data(raw: bytes, data: bytes) -> bytes:

@@ -130,3 +130,19 @@ def test_an_openai_kind_upstream_gets_the_default_model_when_none_is_named() -> 
     assert prepared.model == "smollm2:135m"
     assert json.loads(prepared.body)["model"] == "smollm2:135m"
     assert policy().prepare(body(messages=[]), openai=True, generates=True).model is None
+
+
+def test_a_lone_surrogate_escape_is_accepted_and_kept() -> None:
+    """JSON may escape half an emoji (RFC 8259 section 8.2); Ollama's decoder takes it, so
+    the gateway does, and writes it back as it came when it changes the body."""
+    raw = b'{"model": "m", "prompt": "\\ud83d", "options": {"num_ctx": 99999}}'
+    prepared = policy().prepare(raw, openai=False, generates=True)
+    assert prepared.clamped_num_ctx == 99999
+    assert b'"prompt":"\\ud83d"' in prepared.body
+    assert json.loads(prepared.body)["options"]["num_ctx"] == 8192
+
+
+def test_json_nested_past_any_parser_is_a_400() -> None:
+    """Nested deeper than orjson and Python's json go: refused, never a crash."""
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        parse_object(b"[" * 100_000 + b"]" * 100_000)
