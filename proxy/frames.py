@@ -70,7 +70,11 @@ def last_boundary(data: bytes | bytearray, start: int = 0, end: int | None = Non
     contains ``\n\n``, ``\r\r`` or ``\n\r``; a CR that ends ``data`` may be half of a
     CRLF whose LF comes next: the caller handles that LF (``is_open_cr``)."""
     stop = len(data) if end is None else end
-    found = max(data.rfind(pair, start, stop) for pair in _PAIRS)
+    found = max(
+        data.rfind(b"\n\n", start, stop),
+        data.rfind(b"\r\r", start, stop),
+        data.rfind(b"\n\r", start, stop),
+    )
     return _after_pair(data, found, stop)
 
 

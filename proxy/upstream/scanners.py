@@ -106,7 +106,9 @@ class JsonScanner(Scanner):
         return b""
 
 
-_NDJSON_MARKERS = (b'"done"', b'"error"')
+# A line that can decide something holds the literal true (done: true; a literal cannot be
+# escaped, so any spelling of the key is caught) or the key "error" (or an escape).
+_NDJSON_MARKERS = (b"true", b'"error"')
 
 
 class NdjsonScanner(Scanner):
@@ -125,6 +127,12 @@ class NdjsonScanner(Scanner):
         self._too_long = False  # relaying a line too long to read, until its newline
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._line and not self._too_long and chunk.endswith(b"\n"):
+            # Whole lines, the usual read: forwarded as they are.
+            if has_marker(chunk, _NDJSON_MARKERS) >= 0:
+                self._inspect_lines(chunk[:-1])
+            self.content_chunks += chunk.count(b"\n")
+            return chunk
         if self._too_long:
             newline = chunk.find(b"\n")
             if newline < 0:
@@ -147,7 +155,7 @@ class NdjsonScanner(Scanner):
         else:
             if has_marker(chunk, _NDJSON_MARKERS) >= 0:
                 self._inspect_lines(chunk[:last])
-            out = chunk if last == len(chunk) - 1 else chunk[: last + 1]
+            out = chunk[: last + 1]
         if last < len(chunk) - 1:
             line += chunk[last + 1 :]
         self.content_chunks += out.count(b"\n")
@@ -221,6 +229,11 @@ class SseScanner(Scanner):
         if self._too_long:
             return self._skip(chunk)
         if not self._pending:
+            if chunk.endswith((b"\n\n", b"\r\n\r\n")):
+                # Whole events, the usual read: nothing to hold back.
+                if self._count or has_marker(chunk, _SSE_MARKERS) >= 0:
+                    return self._region(chunk, final=False)
+                return chunk
             data: bytes | bytearray = chunk
             search_from = 0
         else:
