@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config, parse_config
+from proxy.config import ConfigError, backends_of, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +37,9 @@ def test_shipped_config_yaml_lists_every_key() -> None:
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
     for section in dataclasses.fields(Config):
         sub = getattr(Config(), section.name)
+        assert section.name in raw, f"{section.name} missing from config.yaml"
+        if not dataclasses.is_dataclass(sub):
+            continue  # a list (backends): its entries' keys are documented in the comment
         for f in dataclasses.fields(sub):
             assert f.name in raw[section.name], f"{section.name}.{f.name} missing from config.yaml"
 
@@ -141,3 +144,57 @@ def test_a_reachable_address_without_client_keys_is_refused(host: str) -> None:
     assert parse_config(anonymous).auth.allow_anonymous
     assert parse_config({"server": {"host": "::1"}}).server.host == "::1"
     assert parse_config({"server": {"host": "localhost"}}).server.host == "localhost"
+
+
+def test_a_file_of_only_backends_is_a_whole_configuration(tmp_path: Path) -> None:
+    """The two-box example, and nothing else, loads; everything else keeps its default."""
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        "backends:\n"
+        '  - {name: gpu, url: "http://gpu-box:11434", slots: 2, priority: 0}\n'
+        '  - {name: cpu, url: "http://localhost:11434", kind: ollama, slots: 1, priority: 1}\n'
+    )
+    config = load_config(path, {})
+    assert [(b.name, b.url, b.kind, b.slots, b.priority) for b in backends_of(config)] == [
+        ("gpu", "http://gpu-box:11434", "ollama", 2, 0),
+        ("cpu", "http://localhost:11434", "ollama", 1, 1),
+    ]
+    assert config.limits == load_config(None, {}).limits
+
+
+def test_the_single_upstream_is_a_set_of_one_backend() -> None:
+    """OLLAMA_URL and OLLAMA_NUM_PARALLEL keep working: one backend named default."""
+    config = load_config(None, {"OLLAMA_URL": "http://box:11434", "OLLAMA_NUM_PARALLEL": "3"})
+    (only,) = backends_of(config)
+    assert (only.name, only.url, only.slots, only.priority) == ("default", "http://box:11434", 3, 0)
+
+
+def test_backends_from_the_environment() -> None:
+    """BACKENDS=name=url;option=value,... for the compose file, validated like the YAML."""
+    text = (
+        "gpu=http://gpu:11434;slots=2;priority=0,cpu=http://cpu:11434;kind=openai;api_key=k1-secret"
+    )
+    gpu, cpu = backends_of(load_config(None, {"BACKENDS": text}))
+    assert (gpu.name, gpu.slots, cpu.kind, cpu.api_key, cpu.priority) == (
+        "gpu", 2, "openai", "k1-secret", 0
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("gpu", "BACKENDS (backends): entry 1 (gpu): expected name=url"),
+        ("a=http://a:1,b=http://b:1;slot=2", "entry 2 (b): unknown option 'slot=2'"),
+        ("a=http://a:1;slots=two", "entry 1 (a): slots must be a whole number"),
+        ("a=ftp://a:1", "backends[0].url: expected http(s)://host[:port]"),
+        ("a=http://a:1,a=http://b:1", "backends[1].name: duplicate name 'a'"),
+        ("Big Box=http://a:1", "backends[0].name: 1 to 32 of a-z"),
+        ("a=http://a:1;slots=0", "backends[0].slots: must be between 1 and 1024"),
+        ("a=http://a:1;kind=vllm", "backends[0].kind: must be ollama or openai"),
+    ],
+)
+def test_a_bad_backend_entry_is_named(value: str, named: str) -> None:
+    """Each error names the entry, in the environment form and in the list."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, {"BACKENDS": value})
+    assert named in str(refused.value)
