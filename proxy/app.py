@@ -57,12 +57,13 @@ async def _drain(app: web.Application) -> None:
 
 async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
-    await gateway.upstream.start()
-    # The first look is awaited so that metric labels are right from the first request.
-    gateway.watch.record(await gateway.watch.look(timeout_s=2.0))
-    probe = asyncio.create_task(gateway.watch.run())
+    await gateway.backends.start()
+    # The first look is awaited so that routing and metric labels are right from the first
+    # request.
+    await gateway.probe.look_all(timeout_s=2.0)
+    probe = asyncio.create_task(gateway.probe.run())
     yield
     probe.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await probe
-    await gateway.upstream.close()
+    await gateway.backends.close()

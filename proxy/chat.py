@@ -15,17 +15,17 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admission.admit import Gated, admit
+from proxy.admission.admit import Gated, admit, session_of
 from proxy.admission.body import field as body_field
 from proxy.admission.body import parse_object, read_body
 from proxy.dialects import Usage, error_message, error_text, usage_from_native, usage_from_openai
 from proxy.errors import InvalidRequestError, UpstreamResponseError
 from proxy.exchange import EXCHANGE, Exchange
 from proxy.frames import iter_frames, json_object
-from proxy.gateway import GATEWAY, Gateway
+from proxy.gateway import GATEWAY
 from proxy.upstream.client import Interrupted, UpstreamError, UpstreamResponse
 from proxy.upstream.encodings import DecodedBody, UnreadableBodyError
-from proxy.upstream.forward import open_upstream
+from proxy.upstream.forward import Upstream, open_placed
 
 _OPENAI_OPTIONS = {
     "temperature": "temperature",
@@ -39,7 +39,7 @@ _OPENAI_OPTIONS = {
 
 
 def upstream_request(
-    gateway: Gateway,
+    kind: str,
     *,
     model: str,
     prompt: str,
@@ -50,7 +50,7 @@ def upstream_request(
     """The path and body that ask the configured backend for this chat."""
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
-    if gateway.config.upstream.kind == "ollama":
+    if kind == "ollama":
         body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
         if options:
             body["options"] = options
@@ -88,21 +88,31 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     num_predict = body_field(options, "num_predict", int, "an integer (options.num_predict)")
     estimate = gateway.policy.token_estimate(len(raw), num_predict, generates=True)
     exchange.model = model
-    path, body = upstream_request(
-        gateway, model=model, prompt=prompt, system=system, stream=stream, options=options
-    )
-    async with Gated(gateway, exchange, principal, estimate):
-        upstream = await open_upstream(
-            request, gateway.upstream, exchange, method="POST", path=path,
-            body=json.dumps(body).encode(), is_json=True,
+    gateway.backends.check_route(model, native=False, retry_after_s=gateway.gate.retry_after_s())
+
+    def build(upstream: Upstream) -> tuple[str, bytes]:
+        """The chat in the backend's own API."""
+        path, body = upstream_request(
+            upstream.kind, model=model, prompt=prompt, system=system, stream=stream,
+            options=options,
         )  # fmt: skip
-        with upstream:
+        return path, json.dumps(body).encode()
+
+    session = session_of(request, principal)
+    place = Gated(
+        gateway, exchange, principal, estimate, model=model, native=False, session=session
+    )
+    async with place:
+        used, response = await open_placed(
+            request, place, exchange, method="POST", build=build, is_json=True
+        )
+        with response:
             try:
-                answer = DecodedBody(upstream)
-                if upstream.status != 200:
-                    return await _upstream_error(exchange, upstream, answer)
+                answer = DecodedBody(response)
+                if response.status != 200:
+                    return await _upstream_error(exchange, response, answer)
                 if stream:
-                    return await _stream(request, gateway, exchange, answer)
+                    return await _stream(request, used.kind, exchange, answer)
                 return await _answer(exchange, answer)
             except UnreadableBodyError as exc:
                 raise UpstreamResponseError(str(exc)) from None
@@ -231,9 +241,9 @@ class _Progress:
 
 
 async def _stream(
-    request: web.Request, gateway: Gateway, exchange: Exchange, body: DecodedBody
+    request: web.Request, kind: str, exchange: Exchange, body: DecodedBody
 ) -> web.StreamResponse:
-    progress = _Progress(openai=gateway.config.upstream.kind != "ollama")
+    progress = _Progress(openai=kind != "ollama")
     response = web.StreamResponse(
         headers={**exchange.headers, "Content-Type": "application/x-ndjson"}
     )

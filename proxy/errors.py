@@ -89,6 +89,22 @@ class RouteNotFoundError(ProxyError):
     error_type = None
 
 
+class ModelNotFoundError(ProxyError):
+    """No backend holds the model asked for (with several backends)."""
+
+    status = 404
+    code = "model_not_found"
+    error_type = None
+
+
+class NoBackendError(ProxyError):
+    """The backends that hold the model do not answer now."""
+
+    status = 503
+    code = "no_backend"
+    error_type = "ConnectError"
+
+
 class UnsupportedByBackendError(ProxyError):
     """An Ollama-native route was called while the upstream speaks only the OpenAI API."""
 
@@ -133,6 +149,11 @@ class UpstreamConnectError(ProxyError):
     status = 502
     code = "upstream_unavailable"
     error_type = "ConnectError"
+
+
+class UpstreamUnreachableError(UpstreamConnectError):
+    """No connection could be made: the upstream never saw the request, so it may go to
+    another backend."""
 
 
 class UpstreamTimeoutError(ProxyError):

@@ -22,6 +22,7 @@ class Exchange:
     started: float
     client: str = "anonymous"
     model: str | None = None
+    backend: str = "none"  # the backend that served it (none: refused before one was chosen)
     phase: str = "admission"  # admission -> queued -> upstream -> streaming
     status: int = 0
     error_type: str | None = None

@@ -7,15 +7,16 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from proxy.admission.admit import Affinity
 from proxy.admission.body import Policy
 from proxy.admission.gate import Gate
 from proxy.admission.keys import Access
 from proxy.admission.ratelimit import Limit, RateLimiter
-from proxy.config import Config
+from proxy.config import Config, backends_of
 from proxy.metrics import Metrics
 from proxy.shutdown import Drain
-from proxy.upstream.forward import Upstream
-from proxy.upstream.probe import UpstreamWatch
+from proxy.upstream.backends import Backends
+from proxy.upstream.probe import Probe
 
 
 @dataclass(slots=True)
@@ -23,12 +24,13 @@ class Gateway:
     config: Config
     clock: Callable[[], float]
     metrics: Metrics
-    upstream: Upstream
-    watch: UpstreamWatch
+    backends: Backends
+    probe: Probe
     access: Access
     policy: Policy
     limiter: RateLimiter
     gate: Gate
+    affinity: Affinity
     drain: Drain
 
     @classmethod
@@ -40,26 +42,27 @@ class Gateway:
         inference_endpoints: tuple[str, ...] = (),
     ) -> Gateway:
         limits = config.limits
-        upstream = Upstream(
-            config.upstream,
-            on_retry=lambda: metrics.count(metrics.retries, {}),
-            slots=limits.parallel,
-        )
+
+        def retried(backend: str) -> None:
+            metrics.count(metrics.retries, {"backend": backend})
+
+        backends = Backends.build(backends_of(config), config.upstream, retried)
         gate = Gate(
-            slots=limits.parallel,
             max_queue=limits.max_queue,
             max_queue_per_client=limits.max_queue_per_client,
             queue_timeout_s=limits.queue_timeout_s,
             clock=clock,
+            slots=backends.slots,
         )
-        metrics.slots.set({}, limits.parallel)
+        backends.on_change = gate.dispatch
+        metrics.initialise_backends({b.name: b.slots for b in backends.all})
         metrics.queue_capacity.set({}, limits.max_queue)
         return cls(
             config=config,
             clock=clock,
             metrics=metrics,
-            upstream=upstream,
-            watch=UpstreamWatch(config, upstream, metrics, inference_endpoints),
+            backends=backends,
+            probe=Probe(backends, config.upstream, metrics, inference_endpoints),
             access=Access(config),
             policy=Policy(config),
             limiter=RateLimiter(
@@ -68,6 +71,7 @@ class Gateway:
                 clock=clock,
             ),
             gate=gate,
+            affinity=Affinity(),
             drain=Drain(),
         )
 

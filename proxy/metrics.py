@@ -85,6 +85,7 @@ def _has(collector: Collector, labels: dict[str, str]) -> bool:
 
 
 STATUSES = ("success", "error", "rate_limited", "rejected", "cancelled")
+NO_BACKEND = "none"  # the backend label of a request refused before one was chosen
 DISCONNECT_PHASES = ("queued", "streaming")
 
 
@@ -96,8 +97,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "ollama_requests_total",
-            "Requests by method, route template, model and outcome "
-            "(success, error, rate_limited, rejected, cancelled).",
+            "Requests by method, route template, model, backend (none: refused before one "
+            "was chosen) and outcome (success, error, rate_limited, rejected, cancelled).",
             registry=r,
         )
         self.duration = Histogram(
@@ -107,14 +108,16 @@ class Metrics:
             buckets=DURATION_BUCKETS,
         )
         self.active = Gauge(
-            "ollama_active_requests", "Requests holding a concurrency-gate slot.", registry=r
+            "ollama_active_requests",
+            "Requests holding a concurrency-gate slot, by backend.",
+            registry=r,
         )
         self.queued = Gauge(
             "ollama_queued_requests", "Requests waiting for a concurrency-gate slot.", registry=r
         )
         self.slots = Gauge(
             "ollama_concurrency_slots",
-            "Configured gate slots (OLLAMA_NUM_PARALLEL).",
+            "Configured gate slots by backend (its OLLAMA_NUM_PARALLEL).",
             registry=r,
         )
         self.queue_capacity = Gauge(
@@ -171,18 +174,25 @@ class Metrics:
         )
         self.retries = Counter(
             "ollama_upstream_retries_total",
-            "Upstream attempts retried (connect failed or 503 busy before any byte).",
+            "Upstream attempts retried on the same backend (connect failed or 503 busy "
+            "before any byte), by backend.",
+            registry=r,
+        )
+        self.failovers = Counter(
+            "ollama_backend_failovers_total",
+            "Requests moved to another backend before reaching an upstream (the first could "
+            "not be reached, or answered 503 busy), by the backend left and the one taken.",
             registry=r,
         )
         self.upstream_up = Gauge(
-            "ollama_upstream_up", "1 if the upstream answered the last probe.", registry=r
+            "ollama_upstream_up", "1 if the backend answered the last probe.", registry=r
         )
         self.loaded_models = Gauge(
-            "ollama_loaded_models", "Models loaded in the upstream (/api/ps).", registry=r
+            "ollama_loaded_models", "Models loaded in each backend (/api/ps).", registry=r
         )
         self.model_memory = Gauge(
             "ollama_model_memory_bytes",
-            "Memory of each loaded model by kind (ram, vram), from /api/ps.",
+            "Memory of each loaded model by kind (ram, vram) and backend, from /api/ps.",
             registry=r,
         )
         self.info = Gauge("ollama_proxy_info", "Gateway build information.", registry=r)
@@ -218,7 +228,9 @@ class Metrics:
         store, key = self._series(gauge, labels)
         store[key] = value
 
-    def initialise_requests(self, models: list[str], endpoints: tuple[str, ...]) -> None:
+    def initialise_requests(
+        self, models: list[str], endpoints: tuple[str, ...], backends: list[str]
+    ) -> None:
         """Create the inference series at zero; existing ones keep their values.
 
         Prometheus's rate() and increase() cannot see the first event of a series that is
@@ -227,12 +239,23 @@ class Metrics:
         for model in models:
             for endpoint in endpoints:
                 labels = {"endpoint": endpoint, "model": model}
-                for status in STATUSES:
-                    self.requests.add({"method": "POST", **labels, "status": status}, 0)
-                for histogram in (self.duration, self.ttft):
-                    _ensure_histogram(histogram, labels)
+                _ensure_histogram(self.duration, labels)
+                for backend in [*backends, NO_BACKEND]:
+                    per_backend = {**labels, "backend": backend}
+                    for status in STATUSES:
+                        self.requests.add({"method": "POST", **per_backend, "status": status}, 0)
+                    _ensure_histogram(self.ttft, per_backend)
             for counter in (self.prompt_tokens, self.completion_tokens):
                 counter.add({"model": model}, 0)
+
+    def initialise_backends(self, slots: dict[str, int]) -> None:
+        """The per-backend series, from the start: slots, up (0 until probed), retries."""
+        for name, count in slots.items():
+            self.slots.set({"backend": name}, count)
+            self.active.set({"backend": name}, 0)
+            self.upstream_up.set({"backend": name}, 0)
+            self.loaded_models.set({"backend": name}, 0)
+            self.retries.set({"backend": name}, 0)
 
     def _initialise(self) -> None:
         # Series that exist from the start, so increase() sees the first event.
@@ -242,9 +265,5 @@ class Metrics:
             self.rejected.set({"reason": reason}, 0)
         for phase in DISCONNECT_PHASES:
             self.disconnects.set({"phase": phase}, 0)
-        self.retries.set({}, 0)
-        self.active.set({}, 0)
         self.queued.set({}, 0)
-        self.upstream_up.set({}, 0)
-        self.loaded_models.set({}, 0)
         self.info.set({"version": __version__}, 1)

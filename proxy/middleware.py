@@ -138,16 +138,17 @@ def finish(gateway: Gateway, ex: Exchange, outcome: str) -> None:
         log.debug("request_finished", endpoint=ex.endpoint, status=ex.status)
         return
     m = gateway.metrics
-    model = gateway.watch.model_label(ex.model)
+    model = gateway.backends.model_label(ex.model)
     series = {"endpoint": ex.endpoint, "model": model}
-    m.count(m.requests, {"method": ex.method, **series, "status": outcome})
+    on_backend = {**series, "backend": ex.backend}
+    m.count(m.requests, {"method": ex.method, **on_backend, "status": outcome})
     m.observe(m.duration, series, duration_s)
     if ex.error_type is not None and outcome in ("error", "rejected"):
         m.count(m.errors, {"error_type": ex.error_type})
     ttft_s = None
     if ex.streamed and ex.first_chunk_at is not None:
         ttft_s = ex.first_chunk_at - ex.started
-        m.observe(m.ttft, series, ttft_s)
+        m.observe(m.ttft, on_backend, ttft_s)
     if ex.queue_wait_s is not None:
         m.observe(m.queue_wait, {}, ex.queue_wait_s)
     per_model = {"model": model}
@@ -170,6 +171,7 @@ def finish(gateway: Gateway, ex: Exchange, outcome: str) -> None:
         "method": ex.method,
         "endpoint": ex.endpoint,
         "model": ex.model,
+        "backend": ex.backend,
         "client": ex.client,
         "status": ex.status,
         "outcome": outcome,

@@ -3,7 +3,8 @@
 An inference request's story, in order (cheap checks first, and a gate slot held only
 while the upstream works, never during a slow upload):
 
-    identify -> rate limit -> read + validate body -> take a gate slot -> open upstream -> relay
+    identify -> rate limit -> read + validate body -> route -> take a slot on a backend
+    -> open upstream (moving to another backend while nothing reached one) -> relay
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.admission.admit import Gated, admit
+from proxy.admission.admit import Gated, admit, session_of
 from proxy.admission.body import body_chunks, read_body
 from proxy.admission.keys import Principal
 from proxy.errors import InvalidRequestError, UnsupportedByBackendError
 from proxy.exchange import EXCHANGE, Exchange
+from proxy.frames import json_object
 from proxy.gateway import GATEWAY, Gateway
+from proxy.upstream.backends import Backend
 from proxy.upstream.client import Body
-from proxy.upstream.forward import forward
+from proxy.upstream.forward import Fixed, forward
+from proxy.upstream.listings import MERGED, merged
 
+BACKEND_HEADER = "X-Backend"  # which backend a model-management request acts on
 INFERENCE = "inference"  # rate limited, gated, body read and checked
 METADATA = "metadata"  # authenticated, relayed as is
 MANAGEMENT = "management"  # model management: the admin key only
@@ -78,7 +83,9 @@ async def relay_route(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     exchange = request[EXCHANGE]
     spec = spec_for(request.method, exchange.endpoint)
-    if not spec.openai and gateway.config.upstream.kind != "ollama":
+    native = not spec.openai
+    backends = gateway.backends
+    if native and not any(backend.speaks(native=True) for backend in backends.all):
         raise UnsupportedByBackendError(
             "this gateway's upstream speaks only the OpenAI-compatible API "
             "(upstream.kind: openai); use /v1/* or /chat"
@@ -92,13 +99,20 @@ async def relay_route(request: web.Request) -> web.StreamResponse:
             raise InvalidRequestError("invalid blob digest: expected sha256:<64 hex digits>")
     if spec.kind == INFERENCE:
         return await infer(request, gateway, exchange, principal, spec)
+    if backends.several and request.path in MERGED:
+        return await merged(request, gateway, exchange)
     server = gateway.config.server
     body: Body = None
     if spec.streams_body:
         body = body_chunks(request, server.body_timeout_s)
     elif request.can_read_body:
         body = await read_body(request, server.max_body_bytes, server.body_timeout_s)
-    return await forward(request, gateway.upstream, exchange, body)
+    if spec.kind == MANAGEMENT:
+        backend = _named_backend(request, gateway)
+    else:
+        backend = backends.holder(_model_named(request, body), native=native)
+    exchange.backend = backend.name
+    return await forward(request, Fixed(backend), exchange, body)
 
 
 async def infer(
@@ -115,13 +129,55 @@ async def infer(
     exchange.model = prepared.model
     if prepared.clamped_num_ctx is not None:
         exchange.headers["X-Context-Length-Clamped"] = str(prepared.clamped_num_ctx)
-    async with Gated(gateway, exchange, principal, prepared.token_estimate):
+    native = not spec.openai
+    gateway.backends.check_route(
+        prepared.model, native=native, retry_after_s=gateway.gate.retry_after_s()
+    )
+    place = Gated(
+        gateway,
+        exchange,
+        principal,
+        prepared.token_estimate,
+        model=prepared.model,
+        native=native,
+        session=session_of(request, principal),
+    )
+    async with place:
         return await forward(
             request,
-            gateway.upstream,
+            place,
             exchange,
             prepared.body,
             strip_usage=prepared.strip_usage,
             inference=True,
             generates=spec.generates,
         )
+
+
+def _named_backend(request: web.Request, gateway: Gateway) -> Backend:
+    """A model-management request's backend: the one ``X-Backend`` names (needed when there
+    are several: a pull or delete acts on one box)."""
+    backends = gateway.backends
+    name = request.headers.get(BACKEND_HEADER)
+    backend = backends.named(name)
+    if backend is not None:
+        return backend
+    names = ", ".join(backends.by_name)
+    if name:
+        raise InvalidRequestError(f"no backend named '{name}' ({BACKEND_HEADER}: one of {names})")
+    if backends.several:
+        raise InvalidRequestError(
+            f"this gateway has several backends: name the one to act on with the "
+            f"{BACKEND_HEADER} header (one of {names})"
+        )
+    return backends.all[0]
+
+
+def _model_named(request: web.Request, body: Body) -> str | None:
+    """The model a listing or info request is about (``/api/show``, ``/v1/models/{model}``)."""
+    model = request.match_info.get("model")
+    if model is None and isinstance(body, bytes) and body:
+        obj = json_object(body)
+        value = (obj.get("model") or obj.get("name")) if obj is not None else None
+        model = value if isinstance(value, str) else None
+    return model

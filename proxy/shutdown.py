@@ -70,5 +70,6 @@ async def drain(gateway: Gateway) -> None:
     if await gateway.drain.idle(drain_s):
         return
     log.warning("drain_timed_out", still_in_flight=gateway.drain.inflight)
-    gateway.upstream.interrupt(Interrupted(SHUTTING_DOWN))
+    for backend in gateway.backends.all:
+        backend.upstream.interrupt(Interrupted(SHUTTING_DOWN))
     await gateway.drain.idle(FAREWELL_S)

@@ -174,15 +174,15 @@ def gate_changes(gate: Gate) -> asyncio.Event:
 
         return call
 
-    async def acquire(
-        client: str, _acquire: Callable[[str], Awaitable[float]] = gate.acquire
-    ) -> float:
+    _acquire = gate.acquire
+
+    async def acquire(*args: Any, **kwargs: Any) -> Any:
         try:
-            return await _acquire(client)
+            return await _acquire(*args, **kwargs)
         finally:
             changed.set()
 
-    for name in ("try_enter", "leave", "release"):
+    for name in ("try_enter", "_enqueue", "leave", "release", "dispatch"):
         setattr(gate, name, notifying(getattr(gate, name)))
     gate.acquire = acquire  # type: ignore[method-assign]
     gate._test_changed = changed  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.config import Config
+from proxy.config import Config, backends_of
 from proxy.errors import (
     BodyTooLargeError,
     ClientTimeoutError,
@@ -112,10 +112,10 @@ class Policy:
         self.default_max_tokens = config.limits.default_max_tokens
         self.allowlist = frozenset(config.models.allowlist)
         # OpenAI-compatible servers that serve one model answer a request without one with
-        # their own idea of a name (llama-cpp-python: the model file's path); name it for them.
-        self.fill_model = (
-            config.upstream.default_model if config.upstream.kind == "openai" else None
-        )
+        # their own idea of a name (llama-cpp-python: the model file's path); name it for
+        # them, when every backend is one.
+        all_openai = all(backend.kind == "openai" for backend in backends_of(config))
+        self.fill_model = config.upstream.default_model if all_openai else None
 
     def check_model(self, model: str | None) -> None:
         if not self.allowlist or model is None:

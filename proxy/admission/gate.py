@@ -1,13 +1,21 @@
-"""The concurrency gate: ``slots`` requests at once, a bounded and fair wait queue.
+"""The concurrency gate: each backend's slots, and one bounded, fair wait queue before them.
 
 Ollama with ``OLLAMA_NUM_PARALLEL=1`` serves one generation at a time and queues the rest
-without bound. The gate holds the line in front of it: at most ``slots`` requests reach the
-upstream, at most ``max_queue`` wait (``max_queue_per_client`` each), and none waits longer
-than ``queue_timeout_s``. Waiters are served round-robin between clients, FIFO within a
-client, so one client with many requests cannot starve the others.
+without bound. The gate holds the line in front of every backend: at most ``slots``
+requests reach each, at most ``max_queue`` wait (``max_queue_per_client`` each), and none
+waits longer than ``queue_timeout_s``.
+
+Where a request may go is its own: the backends that hold its model and answer (a callable
+the caller gives, asked again whenever a slot frees, so health and catalogues stay
+current). Among those with a free slot it takes the best: the lowest priority tier, then one
+with the model already loaded (no cold load), then the least busy; a backend the client's
+previous turn used wins when it is free (its prompt cache). When none is free, it waits.
+When a slot frees, the first waiter in fair order that can use it takes it: waiters are
+taken round-robin between clients, FIFO within a client, skipping the ones that cannot
+use that backend, so nobody waits behind a request for a model the free backend lacks.
 
 The bookkeeping (``try_enter``, ``release``, ``leave``) is synchronous, so it is tested with
-a fake clock; ``slot()`` is the async face the handlers use.
+a fake clock; ``acquire`` and ``slot()`` are the async face the handlers use.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from proxy.errors import QueueFullError, QueueTimeoutError, ShuttingDownError
 
@@ -24,34 +34,84 @@ _EWMA_ALPHA = 0.2
 RETRY_AFTER_CAP_S = 60  # the OpenAI SDK ignores a larger Retry-After
 
 
+class Target(Protocol):
+    """What the gate needs of a backend."""
+
+    name: str
+    slots: int
+    priority: int
+    active: int
+
+    def has_loaded(self, model: str | None) -> bool: ...
+
+
+Eligible = Callable[[], Sequence[Target]]
+
+
+def _new_future() -> asyncio.Future[Target]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False, slots=True)
+class Waiter:
+    """One request waiting for a slot: where it may go, and the future that gets it."""
+
+    client: str
+    eligible: Eligible
+    model: str | None = None
+    prefer: str | None = None  # the backend of the client's previous turn
+    future: asyncio.Future[Target] = field(default_factory=_new_future)
+
+
+def best(candidates: Sequence[Target], model: str | None, prefer: str | None) -> Target | None:
+    """The backend to take among ``candidates``, or None when none has a free slot."""
+    chosen: Target | None = None
+    chosen_key: tuple[int, bool, float] | None = None
+    for target in candidates:
+        if target.active >= target.slots:
+            continue
+        if prefer is not None and target.name == prefer:
+            return target
+        key = (target.priority, not target.has_loaded(model), target.active / target.slots)
+        if chosen_key is None or key < chosen_key:
+            chosen, chosen_key = target, key
+    return chosen
+
+
 class Gate:
     def __init__(
         self,
-        slots: int,
         max_queue: int,
         max_queue_per_client: int,
         queue_timeout_s: float,
         clock: Callable[[], float],
+        slots: int = 0,
     ) -> None:
-        self.slots = slots
         self.max_queue = max_queue
         self.max_queue_per_client = max_queue_per_client
         self.queue_timeout_s = queue_timeout_s
+        self.slots = slots  # the backends' slots in all (for Retry-After and /health)
         self._clock = clock
         self.active = 0
         self.queued = 0
-        self._waiters: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self._waiters: OrderedDict[str, deque[Waiter]] = OrderedDict()
         self._service_s = 0.0
         self.closed: str | None = None  # why the gate admits no one any more
 
     # -- synchronous core -------------------------------------------------------------
 
-    def try_enter(self, client: str, waiter: asyncio.Future[None]) -> bool:
-        """Take a free slot (True) or queue ``waiter`` (False); raise if the queue is full."""
-        if self.active < self.slots and self.queued == 0:
-            self.active += 1
-            return True
-        queue = self._waiters.get(client)
+    def try_enter(self, waiter: Waiter) -> Target | None:
+        """Take a free slot for ``waiter`` (the backend), or queue it (None); raise if the
+        queue is full."""
+        target = best(waiter.eligible(), waiter.model, waiter.prefer)
+        if target is not None:
+            self._take(target)
+            return target
+        self._enqueue(waiter)
+        return None
+
+    def _enqueue(self, waiter: Waiter) -> None:
+        queue = self._waiters.get(waiter.client)
         if self.queued >= self.max_queue or (
             queue is not None and len(queue) >= self.max_queue_per_client
         ):
@@ -60,51 +120,69 @@ class Gate:
                 retry_after_s=self.retry_after_s(),
             )
         if queue is None:
-            queue = self._waiters[client] = deque()
+            queue = self._waiters[waiter.client] = deque()
         queue.append(waiter)
         self.queued += 1
-        return False
 
-    def leave(self, client: str, waiter: asyncio.Future[None]) -> None:
+    def leave(self, waiter: Waiter) -> None:
         """Take a waiter that gave up (timeout, disconnect) out of the queue."""
-        queue = self._waiters.get(client)
+        queue = self._waiters.get(waiter.client)
         if queue is None or waiter not in queue:
             return
         queue.remove(waiter)
         if not queue:
-            del self._waiters[client]
+            del self._waiters[waiter.client]
         self.queued -= 1
 
-    def release(self, held_s: float | None) -> None:
-        """A slot holder is done; hand the slot to the next waiter, round-robin by client.
-
-        ``held_s`` feeds the service-time average behind Retry-After (None: not a service).
-        """
+    def release(self, target: Target, held_s: float | None) -> None:
+        """A slot holder on ``target`` is done; its slot goes to the first waiter in fair
+        order that can use it. ``held_s`` feeds the service-time average behind
+        Retry-After (None: not a service)."""
         if held_s is not None:
             self._service_s = (
                 held_s if self._service_s == 0.0 else
                 _EWMA_ALPHA * held_s + (1 - _EWMA_ALPHA) * self._service_s
             )  # fmt: skip
+        target.active -= 1
         self.active -= 1
-        while self._waiters and self.active < self.slots:
-            client, queue = next(iter(self._waiters.items()))
-            waiter = queue.popleft()
-            self.queued -= 1
-            if queue:
-                self._waiters.move_to_end(client)
-            else:
-                del self._waiters[client]
-            if not waiter.done():
-                waiter.set_result(None)
-                self.active += 1
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand free slots to waiters that can use them, in fair order, until none can.
+        Called when a slot frees, and when a backend comes back or learns a model."""
+        while self._waiters and self._serve_one():
+            pass
+
+    def _serve_one(self) -> bool:
+        for client, queue in self._waiters.items():
+            for waiter in queue:
+                if waiter.future.done():
+                    continue
+                target = best(waiter.eligible(), waiter.model, waiter.prefer)
+                if target is None:
+                    continue
+                queue.remove(waiter)
+                self.queued -= 1
+                if queue:
+                    self._waiters.move_to_end(client)
+                else:
+                    del self._waiters[client]
+                self._take(target)
+                waiter.future.set_result(target)
+                return True
+        return False
+
+    def _take(self, target: Target) -> None:
+        target.active += 1
+        self.active += 1
 
     def close(self, reason: str) -> None:
         """Admit no one any more; every waiter is refused with 503 and ``reason``."""
         self.closed = reason
         for queue in self._waiters.values():
             for waiter in queue:
-                if not waiter.done():
-                    waiter.set_exception(ShuttingDownError(f"{reason}; retry later"))
+                if not waiter.future.done():
+                    waiter.future.set_exception(ShuttingDownError(f"{reason}; retry later"))
         self._waiters.clear()
         self.queued = 0
 
@@ -112,63 +190,106 @@ class Gate:
         """Seconds until a new request could expect a slot, from recent service times."""
         if self._service_s == 0.0:
             return 1
-        estimate = self._service_s * (self.queued + 1) / self.slots
+        estimate = self._service_s * (self.queued + 1) / max(1, self.slots)
         return max(1, min(RETRY_AFTER_CAP_S, math.ceil(estimate)))
 
     # -- async face -------------------------------------------------------------------
 
-    def slot(self, client: str) -> Slot:
-        """Hold a slot for the body of ``async with``, which gets the seconds spent queued."""
-        return Slot(self, client)
+    def slot(
+        self,
+        client: str,
+        eligible: Eligible,
+        model: str | None = None,
+        prefer: str | None = None,
+    ) -> Slot:
+        """Hold a slot for the body of ``async with``, which gets the backend; the seconds
+        spent queued are ``waited_s`` after it is entered."""
+        return Slot(self, client, eligible, model, prefer)
 
-    async def acquire(self, client: str) -> float:
-        """Take a slot, queueing if need be; the seconds spent queued. ``release`` it."""
+    async def acquire(
+        self,
+        client: str,
+        eligible: Eligible,
+        model: str | None = None,
+        prefer: str | None = None,
+    ) -> tuple[Target, float]:
+        """Take a slot, queueing if need be: the backend and the seconds spent queued.
+        ``release`` it."""
         if self.closed is not None:
             raise ShuttingDownError(f"{self.closed}; retry later")
-        if self.active < self.slots and self.queued == 0:
-            self.active += 1  # the common case, without a future: try_enter's first branch
-            return 0.0
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A free slot this request may use is one no waiter can (dispatch gives waiters every
+        # slot they can use as it frees): take it, without a future. The common case.
+        target = best(eligible(), model, prefer)
+        if target is not None:
+            self._take(target)
+            return target, 0.0
+        waiter = Waiter(client, eligible, model, prefer)
         queued_at = self._clock()
-        if not self.try_enter(client, waiter):
-            try:
-                async with asyncio.timeout(self.queue_timeout_s):
-                    await waiter
-            except TimeoutError:
-                self._give_up(client, waiter)
-                raise QueueTimeoutError(
-                    f"no slot became free within {self.queue_timeout_s:g} s; retry later",
-                    retry_after_s=self.retry_after_s(),
-                ) from None
-            except asyncio.CancelledError:
-                self._give_up(client, waiter)
-                raise
-        return self._clock() - queued_at
+        self._enqueue(waiter)
+        try:
+            async with asyncio.timeout(self.queue_timeout_s):
+                target = await waiter.future
+        except TimeoutError:
+            self._give_up(waiter)
+            raise QueueTimeoutError(
+                f"no slot became free within {self.queue_timeout_s:g} s; retry later",
+                retry_after_s=self.retry_after_s(),
+            ) from None
+        except asyncio.CancelledError:
+            self._give_up(waiter)
+            raise
+        return target, self._clock() - queued_at
 
-    def _give_up(self, client: str, waiter: asyncio.Future[None]) -> None:
-        if waiter.done() and not waiter.cancelled():
+    def _give_up(self, waiter: Waiter) -> None:
+        future = waiter.future
+        if future.done() and not future.cancelled() and future.exception() is None:
             # The slot was handed over in the same loop iteration we gave up: pass it on.
-            self.release(None)
+            self.release(future.result(), None)
         else:
-            waiter.cancel()
-            self.leave(client, waiter)
+            future.cancel()
+            self.leave(waiter)
 
 
 class Slot:
-    """``async with gate.slot(client) as waited_s``: a class, not a generator, because it
-    is entered on every inference request."""
+    """``async with gate.slot(...) as backend``: a class, not a generator, because it is
+    entered on every inference request."""
 
-    __slots__ = ("_client", "_gate", "_started")
+    __slots__ = (
+        "_client",
+        "_eligible",
+        "_gate",
+        "_model",
+        "_prefer",
+        "_started",
+        "target",
+        "waited_s",
+    )
 
-    def __init__(self, gate: Gate, client: str) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        client: str,
+        eligible: Eligible,
+        model: str | None,
+        prefer: str | None,
+    ) -> None:
         self._gate = gate
         self._client = client
+        self._eligible = eligible
+        self._model = model
+        self._prefer = prefer
         self._started = 0.0
+        self.target: Target | None = None
+        self.waited_s = 0.0
 
-    async def __aenter__(self) -> float:
-        waited_s = await self._gate.acquire(self._client)
+    async def __aenter__(self) -> Target:
+        self.target, self.waited_s = await self._gate.acquire(
+            self._client, self._eligible, self._model, self._prefer
+        )
         self._started = self._gate._clock()
-        return waited_s
+        return self.target
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._gate.release(self._gate._clock() - self._started)
+        if self.target is not None:
+            self._gate.release(self.target, self._gate._clock() - self._started)
+            self.target = None

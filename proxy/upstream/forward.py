@@ -14,13 +14,19 @@ import random
 import ssl
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 from yarl import URL
 
-from proxy.config import UpstreamConfig
-from proxy.errors import ShuttingDownError, UpstreamConnectError, UpstreamTimeoutError
+from proxy.config import BackendConfig, UpstreamConfig
+from proxy.errors import (
+    ShuttingDownError,
+    UpstreamConnectError,
+    UpstreamTimeoutError,
+    UpstreamUnreachableError,
+)
 from proxy.exchange import Exchange
 from proxy.upstream.client import (
     Body,
@@ -54,11 +60,14 @@ class Upstream:
     SPARE_CONNECTIONS = 16
 
     def __init__(
-        self, config: UpstreamConfig, on_retry: Callable[[], None], *, slots: int = 1
+        self, config: UpstreamConfig, backend: BackendConfig, on_retry: Callable[[], None]
     ) -> None:
-        self.config = config
-        self.max_connections = max(config.max_connections, slots + self.SPARE_CONNECTIONS)
-        self.base = URL(config.url.rstrip("/"))
+        self.config = config  # the timeouts and retries, shared by every backend
+        self.name = backend.name
+        self.kind = backend.kind
+        self.api_key = backend.api_key
+        self.max_connections = max(config.max_connections, backend.slots + self.SPARE_CONNECTIONS)
+        self.base = URL(backend.url.rstrip("/"))
         self._prefix = self.base.raw_path.rstrip("/")  # an upstream mounted under a path
         self._on_retry = on_retry
         self._pool: Pool | None = None
@@ -112,14 +121,22 @@ class Upstream:
         headers: Pairs,
         body: Body,
         attempts: Attempts,
+        *,
+        alone: bool = True,
     ) -> UpstreamResponse:
-        """Send the request and return the response once its headers arrived."""
+        """Send the request and return the response once its headers arrived.
+
+        ``alone``: no other backend could take the request, so a refused connection or a
+        503 busy is retried here with backoff; otherwise it is tried once, and the caller
+        moves the request elsewhere (an unreachable backend raises
+        ``UpstreamUnreachableError``, a busy one's 503 comes back as the response).
+        """
         cfg = self.config
         target = self._prefix + path
         head = header_block(headers)
         # A streamed body (a model blob) can be sent once only; an upstream known to be
         # down gets one try, so the client hears at once instead of after the backoff.
-        once = isinstance(body, AsyncIterable) or self.known_down
+        once = isinstance(body, AsyncIterable) or self.known_down or not alone
         tries = 1 if once else cfg.max_retries + 1
 
         def resent() -> None:  # the pool sent an idempotent request again, on a new connection
@@ -140,8 +157,13 @@ class Upstream:
                 # Connect failed: the upstream never saw this request, so retrying is safe.
                 if last:
                     self.known_down = True
-                    log.warning("upstream_connect_failed", url=str(self.base), attempts=attempt + 1)
-                    raise UpstreamConnectError(
+                    log.warning(
+                        "upstream_connect_failed",
+                        backend=self.name,
+                        url=str(self.base),
+                        attempts=attempt + 1,
+                    )
+                    raise UpstreamUnreachableError(
                         f"cannot connect to the upstream at {self.base}: {exc}"
                     ) from exc
             except UploadStalled as exc:
@@ -180,9 +202,69 @@ class Upstream:
         return delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter, not crypto
 
 
+class Place(Protocol):
+    """Where a request goes: a backend, and whether (and how) it may move before it has
+    reached an upstream. The admission step's ``Gated`` is one; ``Fixed`` never moves."""
+
+    @property
+    def backend(self) -> Any: ...  # a Backend: its ``upstream`` is what is used here
+
+    def can_move(self) -> bool: ...
+
+    async def fail_over(self, reason: str) -> Any: ...
+
+
+class Fixed:
+    """A request that goes to one backend and nowhere else (listing, model management)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def can_move(self) -> bool:
+        return False
+
+    async def fail_over(self, reason: str) -> None:
+        return None
+
+
+Build = Callable[[Upstream], tuple[str, Body]]  # the path and body for this backend
+
+
+async def open_placed(
+    request: web.Request,
+    place: Place,
+    exchange: Exchange,
+    *,
+    method: str,
+    build: Build,
+    is_json: bool = False,
+) -> tuple[Upstream, UpstreamResponse]:
+    """Open the request on ``place``'s backend, moving it to another backend while it has
+    not reached an upstream: the backend could not be reached, or answered 503 busy before
+    any byte. The backend used, and its response (headers received)."""
+    while True:
+        upstream: Upstream = place.backend.upstream
+        path, body = build(upstream)
+        alone = not place.can_move()
+        try:
+            response = await open_upstream(
+                request, upstream, exchange, method=method, path=path, body=body,
+                is_json=is_json, alone=alone,
+            )  # fmt: skip
+        except UpstreamUnreachableError as exc:
+            if alone or await place.fail_over(str(exc)) is None:
+                raise
+            continue
+        if response.status != 503 or alone:
+            return upstream, response
+        if await place.fail_over(f"{upstream.name} answered 503 busy") is None:
+            return upstream, response  # nowhere else to go: the busy answer is the answer
+        response.close()
+
+
 async def forward(
     request: web.Request,
-    upstream: Upstream,
+    place: Place,
     exchange: Exchange,
     body: Body,
     *,
@@ -190,16 +272,16 @@ async def forward(
     inference: bool = False,
     generates: bool = False,
 ) -> web.StreamResponse:
-    """Open the upstream request and relay its response."""
-    with await open_upstream(
+    """Open the upstream request on ``place`` and relay its response."""
+    upstream, response = await open_placed(
         request,
-        upstream,
+        place,
         exchange,
         method=request.method,
-        path=request.path_qs,
-        body=body,
+        build=lambda _: (request.path_qs, body),
         is_json=inference,
-    ) as response:
+    )
+    with response:
         if response.status >= 400:
             exchange.fail("UpstreamStatus", f"the upstream answered {response.status}")
         return await relay(
@@ -208,7 +290,7 @@ async def forward(
             exchange,
             strip_usage=strip_usage,
             counts_usage=inference,
-            count_chunks=upstream.config.kind != "ollama",
+            count_chunks=upstream.kind != "ollama",
             require_end=generates,
         )
 
@@ -222,6 +304,7 @@ async def open_upstream(
     path: str,
     body: Body,
     is_json: bool = False,
+    alone: bool = True,
 ) -> UpstreamResponse:
     """The upstream's response (headers received); use it as ``with`` to release it.
 
@@ -235,13 +318,13 @@ async def open_upstream(
         request.headers,
         peer=request.remote,
         request_id=exchange.request_id,
-        api_key=cfg.api_key,
+        api_key=upstream.api_key,
         # Validated JSON: say so, whatever the client sent (curl -d says form-urlencoded,
         # which Ollama ignores but OpenAI-compatible servers may not).
         content_type="application/json" if is_json else None,
     )
     attempts = Attempts()
-    opening = upstream.open(method, path, headers, body, attempts)
+    opening = upstream.open(method, path, headers, body, attempts, alone=alone)
     total_s = cfg.total_timeout_s
     try:
         if not total_s:
@@ -255,6 +338,6 @@ async def open_upstream(
                 f"the upstream did not answer within the total timeout of {total_s:g} s"
             ) from None
     finally:
-        exchange.retries = attempts.retries
+        exchange.retries += attempts.retries
     response.set_deadline(deadline, total_s)
     return response

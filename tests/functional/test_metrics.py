@@ -69,7 +69,7 @@ async def test_scripted_run_matches_ground_truth(
     await send("/api/chat", {"model": MODEL, "messages": MESSAGES}, "rate_limited")
 
     text = await gw.metrics_text()
-    await gw.gateway.watch.look(1.0)  # nothing may have changed the counters since
+    await gw.gateway.probe.look_all(1.0)  # nothing may have changed the counters since
     assert metric(text, "ollama_prompt_tokens_total") == fake.totals["prompt_eval_count"]
     assert metric(text, "ollama_completion_tokens_total") == fake.totals["eval_count"]
     assert fake.totals["eval_count"] > 0
@@ -128,7 +128,7 @@ async def test_upstream_gauges_follow_the_probe(
     gw = await gateway_factory()
     async with http.post(gw.url + "/api/generate", json={"model": MODEL, "prompt": "x"}) as r:
         await r.read()
-    gw.gateway.watch.record(await gw.gateway.watch.look(1.0))
+    await gw.gateway.probe.look_all(1.0)
     text = await gw.metrics_text()
     assert metric(text, "ollama_upstream_up") == 1
     assert metric(text, "ollama_loaded_models") == 1
@@ -137,7 +137,7 @@ async def test_upstream_gauges_follow_the_probe(
     vram = metric(text, "ollama_model_memory_bytes", model=MODEL, kind="vram")
     assert ram + vram == size
     await fake.close()
-    gw.gateway.watch.record(await gw.gateway.watch.look(1.0))
+    await gw.gateway.probe.look_all(1.0)
     assert metric(await gw.metrics_text(), "ollama_upstream_up") == 0
 
 
