@@ -88,6 +88,7 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     num_predict = body_field(options, "num_predict", int, "an integer (options.num_predict)")
     estimate = gateway.policy.token_estimate(len(raw), num_predict, generates=True)
     exchange.model = model
+    await gateway.probe.learn(model)
     gateway.backends.check_route(model, native=False, retry_after_s=gateway.gate.retry_after_s())
 
     def build(upstream: Upstream) -> tuple[str, bytes]:

@@ -130,6 +130,7 @@ async def infer(
     if prepared.clamped_num_ctx is not None:
         exchange.headers["X-Context-Length-Clamped"] = str(prepared.clamped_num_ctx)
     native = not spec.openai
+    await gateway.probe.learn(prepared.model)
     gateway.backends.check_route(
         prepared.model, native=native, retry_after_s=gateway.gate.retry_after_s()
     )

@@ -141,6 +141,10 @@ class Backends:
                 return name
         return OTHER
 
+    def known(self, model: str) -> bool:
+        """Whether some backend lists ``model``, answering or not."""
+        return any(backend.holds(model) for backend in self.all)
+
     @property
     def known_models(self) -> frozenset[str]:
         models: frozenset[str] = frozenset()

@@ -37,6 +37,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "accept-encoding",
     "cookie",
     "expect",  # the gateway read the body already; a 100 Continue would confuse the relay
+    "x-backend",  # the gateway's own: which backend a model-management request is for
 }
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
 

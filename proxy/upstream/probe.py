@@ -88,6 +88,7 @@ class Probe:
         self._metrics = metrics
         self._inference_endpoints = inference_endpoints
         self._labelled: frozenset[str] = frozenset()
+        self._learned_at = float("-inf")
         self._memory_series: dict[str, list[dict[str, str]]] = {}
 
     async def look_all(self, timeout_s: float) -> None:
@@ -140,6 +141,17 @@ class Probe:
                 labels = {"model": label, "kind": kind, "backend": name}
                 m.model_memory.set(labels, value)
                 series.append(labels)
+
+    async def learn(self, model: str | None) -> None:
+        """A model no backend is known to hold: look again now (at most once a second), in
+        case it was just pulled, before the request is refused as not found."""
+        if model is None or not self._backends.several or self._backends.known(model):
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._learned_at < 1.0:
+            return
+        self._learned_at = now
+        await self.look_all(timeout_s=self._timeouts.connect_timeout_s)
 
     async def run(self) -> None:
         """Probe forever at the configured interval; cancelled at shutdown."""
