@@ -57,6 +57,9 @@ async def _drain(app: web.Application) -> None:
 
 async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
+    if gateway.shared is not None and gateway.shared_slots is not None:
+        await gateway.shared.start()
+        await gateway.shared_slots.start()
     await gateway.backends.start()
     # The first look is awaited so that routing and metric labels are right from the first
     # request.
@@ -67,3 +70,6 @@ async def _upstream_lifetime(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await probe
     await gateway.backends.close()
+    if gateway.shared is not None and gateway.shared_slots is not None:
+        await gateway.shared_slots.close()
+        await gateway.shared.close()

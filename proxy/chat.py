@@ -69,7 +69,7 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     exchange = request[EXCHANGE]
     principal = gateway.access.identify(request)
     exchange.client = principal.name
-    admit(gateway, exchange, principal)
+    await admit(gateway, exchange, principal)
     server = gateway.config.server
     raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
     obj = parse_object(raw)

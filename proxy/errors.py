@@ -29,6 +29,7 @@ REJECT_REASONS = (
     "slow_client",
     "too_many_connections",
     "shutting_down",
+    "shared_state_down",
 )
 
 
@@ -143,6 +144,15 @@ class ShuttingDownError(ProxyError):
 
     def __init__(self, message: str = "the gateway is shutting down; retry later") -> None:
         super().__init__(message, retry_after_s=1)
+
+
+class SharedStateDownError(ProxyError):
+    """Redis does not answer and the failure policy is closed: nothing is admitted."""
+
+    status = 503
+    code = "shared_state_unavailable"
+    error_type = None
+    reject_reason = "shared_state_down"
 
 
 class UpstreamConnectError(ProxyError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +16,9 @@ from proxy.admission.keys import Access
 from proxy.admission.ratelimit import Limit, RateLimiter
 from proxy.config import Config, backends_of
 from proxy.metrics import Metrics
+from proxy.shared.buckets import Limiter
+from proxy.shared.slots import SharedSlots
+from proxy.shared.state import SharedState
 from proxy.shutdown import Drain
 from proxy.upstream.backends import Backends
 from proxy.upstream.probe import Probe
@@ -28,10 +33,12 @@ class Gateway:
     probe: Probe
     access: Access
     policy: Policy
-    limiter: RateLimiter
+    limiter: Limiter
     gate: Gate
     affinity: Affinity
     drain: Drain
+    shared: SharedState | None = None
+    shared_slots: SharedSlots | None = None
 
     @classmethod
     def build(
@@ -57,6 +64,21 @@ class Gateway:
         backends.on_change = gate.dispatch
         metrics.initialise_backends({b.name: b.slots for b in backends.all})
         metrics.queue_capacity.set({}, limits.max_queue)
+        local = RateLimiter(
+            Limit(limits.requests_per_minute, limits.burst),
+            max_clients=limits.max_clients,
+            clock=clock,
+        )
+        shared = slots = None
+        if config.shared.redis_url:
+            shared = SharedState(config.shared, metrics)
+            slots = SharedSlots(shared, kick=gate.dispatch)
+            gate.share_with(slots, config.shared.replicas)
+            shared.on_change.append(lambda _up: gate.dispatch())
+        metrics.identify(shared.replica if shared else _replica_name(config.shared.replica))
+        # The scripts read Redis's clock, the same for every replica; a test's fake clock
+        # is passed to them instead.
+        script_clock = None if clock is time.monotonic else clock
         return cls(
             config=config,
             clock=clock,
@@ -65,15 +87,17 @@ class Gateway:
             probe=Probe(backends, config.upstream, metrics, inference_endpoints),
             access=Access(config),
             policy=Policy(config),
-            limiter=RateLimiter(
-                Limit(limits.requests_per_minute, limits.burst),
-                max_clients=limits.max_clients,
-                clock=clock,
-            ),
+            limiter=Limiter(local, shared, script_clock),
             gate=gate,
             affinity=Affinity(),
             drain=Drain(),
+            shared=shared,
+            shared_slots=slots,
         )
+
+
+def _replica_name(configured: str) -> str:
+    return configured or socket.gethostname()[:32].lower()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

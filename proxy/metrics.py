@@ -195,7 +195,15 @@ class Metrics:
             "Memory of each loaded model by kind (ram, vram) and backend, from /api/ps.",
             registry=r,
         )
-        self.info = Gauge("ollama_proxy_info", "Gateway build information.", registry=r)
+        self.shared_up = Gauge(
+            "ollama_shared_state_up",
+            "1 while the shared state (Redis) answers; 0 while this replica is alone (open "
+            "policy) or refusing (closed). Absent without shared state.",
+            registry=r,
+        )
+        self.info = Gauge(
+            "ollama_proxy_info", "Gateway build information and replica name.", registry=r
+        )
         self._keys: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self._initialise()
 
@@ -248,6 +256,10 @@ class Metrics:
             for counter in (self.prompt_tokens, self.completion_tokens):
                 counter.add({"model": model}, 0)
 
+    def identify(self, replica: str) -> None:
+        """``ollama_proxy_info``: the version, and which replica this is."""
+        self.info.set({"version": __version__, "replica": replica}, 1)
+
     def initialise_backends(self, slots: dict[str, int]) -> None:
         """The per-backend series, from the start: slots, up (0 until probed), retries."""
         for name, count in slots.items():
@@ -266,4 +278,3 @@ class Metrics:
         for phase in DISCONNECT_PHASES:
             self.disconnects.set({"phase": phase}, 0)
         self.queued.set({}, 0)
-        self.info.set({"version": __version__}, 1)

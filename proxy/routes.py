@@ -122,7 +122,7 @@ async def infer(
     principal: Principal,
     spec: RouteSpec,
 ) -> web.StreamResponse:
-    admit(gateway, exchange, principal)
+    await admit(gateway, exchange, principal)
     server = gateway.config.server
     raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
     prepared = gateway.policy.prepare(raw, openai=spec.openai, generates=spec.generates)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
@@ -227,3 +231,53 @@ def metric(text: str, name: str, **labels: str) -> float:
         for sample, have, value in parse_metrics(text)
         if sample == name and all(have.get(k) == v for k, v in labels.items())
     )
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server of the test's own, on a Unix socket (no port to race for)."""
+
+    socket_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def start(self) -> None:
+        """Start it (again) on the same socket; returns once it answers."""
+        self.process = _redis_process(self.socket_path)
+
+
+def _redis_process(socket_path: Path) -> subprocess.Popen[bytes]:
+    """Start redis-server and return once it says it accepts connections."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("needs redis-server (Debian: apt-get install redis-server)")
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--loglevel", "notice"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:  # bounded by the test's timeout
+        if b"ready to accept connections" in line.lower():
+            process.stdout.close()  # nothing more is read: it must not fill and block
+            return process
+    raise AssertionError(f"redis-server exited with {process.wait()} before it was ready")
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    # A short path: a Unix socket's path may not exceed ~108 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="ogw-redis-"))
+    socket_path = folder / "redis.sock"
+    server = RedisServer(socket_path, _redis_process(socket_path))
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)

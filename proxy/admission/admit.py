@@ -27,12 +27,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger("proxy.admission")
 
 
-def admit(gateway: Gateway, exchange: Exchange, principal: Principal) -> None:
+async def admit(gateway: Gateway, exchange: Exchange, principal: Principal) -> None:
     """Take a request from the client's and the global bucket, or refuse with 429 (or 503
     while the gateway shuts down)."""
     if gateway.drain.stopping:
         raise ShuttingDownError
-    decision = gateway.limiter.admit(principal.bucket, principal.limit)
+    decision = await gateway.limiter.admit(principal.bucket, principal.limit)
     exchange.headers.update(decision.headers())
     if not decision.admitted:
         exchange.headers["Retry-After"] = str(decision.retry_after_s)
@@ -42,12 +42,12 @@ def admit(gateway: Gateway, exchange: Exchange, principal: Principal) -> None:
         )
 
 
-def reserve_tokens(
+async def reserve_tokens(
     gateway: Gateway, exchange: Exchange, principal: Principal, estimate: int
 ) -> None:
     if principal.limit.tokens_per_minute <= 0:
         return
-    decision = gateway.limiter.reserve_tokens(principal.bucket, principal.limit, estimate)
+    decision = await gateway.limiter.reserve_tokens(principal.bucket, principal.limit, estimate)
     if not decision.admitted:
         exchange.headers["Retry-After"] = str(decision.retry_after_s)
         raise RateLimitedError(
@@ -128,7 +128,7 @@ class Gated:
 
     async def __aenter__(self) -> Gated:
         exchange = self._exchange
-        reserve_tokens(self._gateway, exchange, self._principal, self._token_estimate)
+        await reserve_tokens(self._gateway, exchange, self._principal, self._token_estimate)
         exchange.phase = "queued"
         try:
             exchange.queue_wait_s = await self._take(self._gateway.affinity.get(self._session))

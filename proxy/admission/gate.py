@@ -23,11 +23,20 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from proxy.errors import QueueFullError, QueueTimeoutError, ShuttingDownError
+from proxy.errors import (
+    QueueFullError,
+    QueueTimeoutError,
+    SharedStateDownError,
+    ShuttingDownError,
+)
+from proxy.shared.state import Unavailable
+
+if TYPE_CHECKING:
+    from proxy.shared.slots import SharedSlots
 
 # Weight of the newest service time in the moving average behind Retry-After.
 _EWMA_ALPHA = 0.2
@@ -63,16 +72,20 @@ class Waiter:
     future: asyncio.Future[Target] = field(default_factory=_new_future)
 
 
-def best(candidates: Sequence[Target], model: str | None, prefer: str | None) -> Target | None:
-    """The backend to take among ``candidates``, or None when none has a free slot."""
+def best(
+    candidates: Sequence[Target], model: str | None, prefer: str | None, share: int = 1
+) -> Target | None:
+    """The backend to take among ``candidates``, or None when none has a free slot.
+    ``share``: this process has 1/share of each backend's slots (shared state down)."""
     chosen: Target | None = None
     chosen_key: tuple[int, bool, float] | None = None
     for target in candidates:
-        if target.active >= target.slots:
+        slots = -(-target.slots // share)  # ceil: every replica may use at least one
+        if target.active >= slots:
             continue
         if prefer is not None and target.name == prefer:
             return target
-        key = (target.priority, not target.has_loaded(model), target.active / target.slots)
+        key = (target.priority, not target.has_loaded(model), target.active / slots)
         if chosen_key is None or key < chosen_key:
             chosen, chosen_key = target, key
     return chosen
@@ -97,13 +110,28 @@ class Gate:
         self._waiters: OrderedDict[str, deque[Waiter]] = OrderedDict()
         self._service_s = 0.0
         self.closed: str | None = None  # why the gate admits no one any more
+        # Slots shared with other replicas (Redis): leases there, waiters still here.
+        self.shared: SharedSlots | None = None
+        self._share = 1  # while the shared state is down (open policy): 1/replicas each
+        self._dispatching = False
+        self._again = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def share_with(self, shared: SharedSlots, replicas: int) -> None:
+        """Take slots through ``shared`` leases; alone (Redis down) use 1/replicas of each."""
+        self.shared = shared
+        self._replicas = replicas
+
+    @property
+    def _shared_up(self) -> bool:
+        return self.shared is not None and self.shared.state.up
 
     # -- synchronous core -------------------------------------------------------------
 
     def try_enter(self, waiter: Waiter) -> Target | None:
         """Take a free slot for ``waiter`` (the backend), or queue it (None); raise if the
         queue is full."""
-        target = best(waiter.eligible(), waiter.model, waiter.prefer)
+        target = best(waiter.eligible(), waiter.model, waiter.prefer, self._alone_share())
         if target is not None:
             self._take(target)
             return target
@@ -145,11 +173,18 @@ class Gate:
             )  # fmt: skip
         target.active -= 1
         self.active -= 1
+        if self.shared is not None:
+            self.shared.release(target.name)
         self.dispatch()
 
     def dispatch(self) -> None:
         """Hand free slots to waiters that can use them, in fair order, until none can.
-        Called when a slot frees, and when a backend comes back or learns a model."""
+        Called when a slot frees, and when a backend comes back or learns a model (and,
+        with shared slots, when one frees on another replica or a lease expires)."""
+        if self._shared_up:
+            if self._waiters:
+                self._spawn(self._dispatch_shared())
+            return
         while self._waiters and self._serve_one():
             pass
 
@@ -158,7 +193,7 @@ class Gate:
             for waiter in queue:
                 if waiter.future.done():
                     continue
-                target = best(waiter.eligible(), waiter.model, waiter.prefer)
+                target = best(waiter.eligible(), waiter.model, waiter.prefer, self._alone_share())
                 if target is None:
                     continue
                 queue.remove(waiter)
@@ -175,6 +210,83 @@ class Gate:
     def _take(self, target: Target) -> None:
         target.active += 1
         self.active += 1
+
+    def _alone_share(self) -> int:
+        """1, or the number of replicas while shared slots are out of reach (open policy)."""
+        return self._replicas if self.shared is not None and not self.shared.state.up else 1
+
+    # -- shared slots (Redis) ----------------------------------------------------------
+
+    async def _claim(self, waiter: Waiter) -> Target | None:
+        """A lease for ``waiter`` in Redis, or None; alone or refused if Redis fails."""
+        assert self.shared is not None
+        try:
+            claimed = await self.shared.claim(waiter.eligible(), waiter.model, waiter.prefer)
+        except Unavailable:
+            if not self.shared.state.fails_open:
+                raise self.shared.state.refuse() from None
+            return best(waiter.eligible(), waiter.model, waiter.prefer, self._alone_share())
+        return cast(Target | None, claimed)
+
+    async def _dispatch_shared(self) -> None:
+        """Give the waiters here, in fair order, the slots Redis has free for them: one
+        claim per waiter, and none for a waiter whose backends were all found full."""
+        if self._dispatching:
+            self._again = True
+            return
+        self._dispatching = True
+        try:
+            granted = True
+            while granted and self._waiters:
+                granted = False
+                self._again = False
+                full: set[str] = set()
+                for client, queue in list(self._waiters.items()):
+                    for waiter in list(queue):
+                        if waiter.future.done() or {t.name for t in waiter.eligible()} <= full:
+                            continue
+                        try:
+                            target = await self._claim(waiter)
+                        except SharedStateDownError as refused:
+                            self._fail_all(refused)
+                            return
+                        if target is None:
+                            full |= {t.name for t in waiter.eligible()}
+                            continue
+                        self._grant(client, queue, waiter, target)
+                        granted = True
+                        break
+                    if granted:
+                        break
+                granted = granted or self._again
+        finally:
+            self._dispatching = False
+
+    def _grant(self, client: str, queue: deque[Waiter], waiter: Waiter, target: Target) -> None:
+        self._take(target)
+        if waiter.future.done():  # it gave up while the claim was in flight
+            self.release(target, None)
+            return
+        queue.remove(waiter)
+        self.queued -= 1
+        if queue:
+            self._waiters.move_to_end(client)
+        else:
+            del self._waiters[client]
+        waiter.future.set_result(target)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for queue in self._waiters.values():
+            for waiter in queue:
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+        self._waiters.clear()
+        self.queued = 0
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def close(self, reason: str) -> None:
         """Admit no one any more; every waiter is refused with 503 and ``reason``."""
@@ -217,15 +329,30 @@ class Gate:
         ``release`` it."""
         if self.closed is not None:
             raise ShuttingDownError(f"{self.closed}; retry later")
-        # A free slot this request may use is one no waiter can (dispatch gives waiters every
-        # slot they can use as it frees): take it, without a future. The common case.
-        target = best(eligible(), model, prefer)
-        if target is not None:
-            self._take(target)
-            return target, 0.0
-        waiter = Waiter(client, eligible, model, prefer)
+        waiter: Waiter | None = None
+        if self._shared_up:
+            # Leases in Redis. A free slot goes to this request only when nobody here waits
+            # (fairness among this replica's clients); otherwise it queues and dispatches.
+            if not self._waiters:
+                waiter = Waiter(client, eligible, model, prefer)
+                target = await self._claim(waiter)
+                if target is not None:
+                    self._take(target)
+                    return target, 0.0
+        else:
+            # A free slot this request may use is one no waiter can (dispatch gives waiters
+            # every slot they can use as it frees): take it, without a future. The common case.
+            if self.shared is not None and not self.shared.state.fails_open:
+                raise self.shared.state.refuse()
+            target = best(eligible(), model, prefer, self._alone_share())
+            if target is not None:
+                self._take(target)
+                return target, 0.0
+        waiter = waiter or Waiter(client, eligible, model, prefer)
         queued_at = self._clock()
         self._enqueue(waiter)
+        if self._shared_up:
+            self.dispatch()
         try:
             async with asyncio.timeout(self.queue_timeout_s):
                 target = await waiter.future

@@ -93,6 +93,17 @@ class Decision(NamedTuple):
         }
 
 
+def refusal(wait_s: float, capacity: float, tokens: float, full_s: float) -> Decision:
+    """A token-bucket decision: taken (``wait_s`` 0) or refused, and the bucket's state."""
+    return Decision(
+        wait_s=wait_s,
+        limit=round(capacity),
+        remaining=max(0, int(tokens)),
+        reset_s=math.ceil(full_s),
+        scope="" if wait_s == 0.0 else "tokens",
+    )
+
+
 class Buckets:
     """Per-client buckets, at most ``size``, the least recently seen first.
 
@@ -157,8 +168,9 @@ class RateLimiter:
         max_clients: int,
         clock: Callable[[], float],
     ) -> None:
-        self._global = global_limit
-        self._clock = clock
+        self.global_limit = self._global = global_limit
+        self.max_clients = max_clients
+        self.clock = self._clock = clock
         self._global_bucket = full(clock(), global_limit.burst)
         self._requests = Buckets(max_clients)
         self._tokens = Buckets(max_clients)
@@ -210,12 +222,8 @@ class RateLimiter:
         if wait == 0.0:
             bucket = new_bucket
             self._tokens.store(key, bucket, rate, capacity)
-        return Decision(
-            wait_s=wait,
-            limit=round(capacity),
-            remaining=max(0, int(bucket.tokens)),
-            reset_s=math.ceil(seconds_until_full(bucket, now, rate, capacity)),
-            scope="" if wait == 0.0 else "tokens",
+        return refusal(
+            wait, capacity, bucket.tokens, seconds_until_full(bucket, now, rate, capacity)
         )
 
     def settle_tokens(self, client: str, limit: Limit, reserved: float, actual: float) -> None:

@@ -15,6 +15,7 @@ from proxy.config.tree import (
     LoggingConfig,
     ModelsConfig,
     ServerConfig,
+    SharedConfig,
     UpstreamConfig,
     backends_of,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "LoggingConfig",
     "ModelsConfig",
     "ServerConfig",
+    "SharedConfig",
     "UpstreamConfig",
     "backends_of",
     "default_config_path",

@@ -14,6 +14,7 @@ from proxy.config.tree import (
     ConfigError,
     LimitsConfig,
     ServerConfig,
+    SharedConfig,
     UpstreamConfig,
 )
 
@@ -44,6 +45,7 @@ def validate(config: Config) -> None:
     _validate_limits(config.limits)
     _validate_auth(config.auth)
     _validate_backends(config.backends)
+    _validate_shared(config.shared)
     host = config.server.host
     _require(
         is_loopback(host) or bool(config.auth.api_keys) or config.auth.allow_anonymous,
@@ -81,6 +83,23 @@ def _validate_backends(backends: tuple[BackendConfig, ...]) -> None:
         _require(1 <= backend.slots <= 1024, f"{path}.slots: must be between 1 and 1024")
         _require(0 <= backend.priority <= 1000, f"{path}.priority: must be between 0 and 1000")
         _require(not backend.api_key or _is_key(backend.api_key), f"{path}.api_key: visible ASCII")
+
+
+def _validate_shared(shared: SharedConfig) -> None:
+    if shared.redis_url:
+        parts = urlsplit(shared.redis_url)
+        _require(
+            parts.scheme in {"redis", "rediss", "unix"},
+            "shared.redis_url: expected redis://[:password@]host[:port][/db], rediss:// or unix://",
+        )
+    _require(shared.on_failure in {"open", "closed"}, "shared.on_failure: must be open or closed")
+    _require(0 < shared.timeout_s <= 10, "shared.timeout_s: must be > 0 and at most 10")
+    _require(1 <= shared.lease_s <= 300, "shared.lease_s: must be between 1 and 300")
+    _require(1 <= shared.replicas <= 1000, "shared.replicas: must be between 1 and 1000")
+    _require(
+        not shared.replica or bool(_BACKEND_NAME.fullmatch(shared.replica)),
+        "shared.replica: 1 to 32 of a-z, 0-9, '_', '.', '-'",
+    )
 
 
 def _check_url(path: str, url: str) -> None:

@@ -105,6 +105,12 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PROXY_ADMIN_KEY": ("auth.admin_key", str),
     "ALLOW_ANONYMOUS": ("auth.allow_anonymous", _parse_bool),
     "ALLOWED_MODELS": ("models.allowlist", _parse_list),
+    "REDIS_URL": ("shared.redis_url", str),
+    "SHARED_STATE_ON_FAILURE": ("shared.on_failure", str),
+    "REDIS_TIMEOUT": ("shared.timeout_s", float),
+    "SLOT_LEASE": ("shared.lease_s", float),
+    "GATEWAY_REPLICAS": ("shared.replicas", int),
+    "REPLICA_ID": ("shared.replica", str),
     "LOG_LEVEL": ("logging.level", str),
     "LOG_FORMAT": ("logging.format", str),
 }

@@ -92,6 +92,18 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedConfig:
+    """State shared between gateway replicas through Redis (or Valkey); off without a URL."""
+
+    redis_url: str = field(default="", repr=False)  # may hold a password
+    on_failure: str = "open"  # open: each replica alone, on its share; closed: 503
+    timeout_s: float = 0.25
+    lease_s: float = 5.0
+    replicas: int = 1
+    replica: str = ""  # this replica's name in metrics and leases; empty: the host name
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"
@@ -105,6 +117,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    shared: SharedConfig = field(default_factory=SharedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -1,0 +1,157 @@
+"""Backend slots shared by every replica: leases in Redis.
+
+Each backend's slots are a sorted set of leases (member: replica and a counter; score: when
+the lease expires). Taking a slot is one script: drop expired leases, count, add one if
+there is room, on the best candidate backend. The replica renews its leases every third of
+``lease_s`` while its requests run and removes one when a request ends, then says so on a
+channel, so that every replica with a waiter that can use that backend tries at once (one
+claim each, no polling). A replica that dies keeps its leases only until they expire: a
+waiter finding every candidate full is woken when the soonest lease there expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import structlog
+from redis.exceptions import RedisError
+
+from proxy.shared.scripts import CLAIM, RENEW
+from proxy.shared.state import KEY_PREFIX, SharedState, Unavailable
+
+log = structlog.get_logger("proxy.shared")
+FREED = f"{KEY_PREFIX}slots:freed"
+
+
+class Slotted(Protocol):
+    """What a backend is to the shared slots."""
+
+    name: str
+    slots: int
+    priority: int
+
+    def has_loaded(self, model: str | None) -> bool: ...
+
+
+def lease_key(backend: str) -> str:
+    return f"{KEY_PREFIX}slots:{backend}"
+
+
+class SharedSlots:
+    """This replica's leases, and the wake-ups when a slot frees anywhere."""
+
+    def __init__(self, state: SharedState, kick: Callable[[], None]) -> None:
+        self.state = state
+        self._kick = kick  # the gate's dispatch
+        self._claim = state.redis.register_script(CLAIM)
+        self._renew = state.redis.register_script(RENEW)
+        self._ids = itertools.count()
+        self.held: dict[str, list[str]] = {}  # backend -> this replica's lease members
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        self._background = [
+            asyncio.create_task(self._renew_forever()),
+            asyncio.create_task(self._listen_forever()),
+        ]
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._timer is not None:
+            self._timer.cancel()
+
+    async def claim(
+        self, candidates: Sequence[Slotted], model: str | None, prefer: str | None
+    ) -> Slotted | None:
+        """A slot on the best candidate with room, leased to this replica; None when all
+        are full (and a wake-up set for when the soonest lease among them expires).
+        ``Unavailable`` when Redis does not answer."""
+        if not candidates:
+            return None
+        ranked = sorted(candidates, key=lambda b: b.priority)
+        member = f"{self.state.replica}:{next(self._ids)}"
+        preferred = next((i + 1 for i, b in enumerate(ranked) if b.name == prefer), 0)
+        args: list[str | int] = [round(self.state.config.lease_s * 1000), member, preferred]
+        for backend in ranked:
+            args += [backend.slots, backend.priority, int(backend.has_loaded(model))]
+        keys = [lease_key(b.name) for b in ranked]
+        chosen, soonest_ms = await self.state.call(self._claim(keys=keys, args=args))
+        if int(chosen) == 0:
+            self._wake_in(int(soonest_ms))
+            return None
+        backend = ranked[int(chosen) - 1]
+        self.held.setdefault(backend.name, []).append(member)
+        return backend
+
+    def release(self, backend: str) -> None:
+        """A request on ``backend`` ended: drop one of this replica's leases there and tell
+        the others (sent, not awaited; should it fail, the lease expires on its own)."""
+        members = self.held.get(backend)
+        if not members:
+            return  # taken while Redis was down: there is no lease
+        member = members.pop()
+        task = asyncio.ensure_future(self._release(backend, member))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, backend: str, member: str) -> None:
+        redis = self.state.redis
+        with contextlib.suppress(Unavailable):
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(lease_key(backend), member)
+                pipe.publish(FREED, backend)
+                await self.state.call(pipe.execute())
+
+    def _wake_in(self, ms: int) -> None:
+        """Dispatch again when a lease is due to expire (a dead replica's frees a slot
+        without a word)."""
+        if ms < 0:
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() + ms / 1000 + 0.005
+        if self._timer is not None and self._timer.when() <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(due, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._kick()
+
+    async def _renew_forever(self) -> None:
+        every_s = self.state.config.lease_s / 3
+        lease_ms = round(self.state.config.lease_s * 1000)
+        while True:
+            await asyncio.sleep(every_s)
+            keys = [lease_key(b) for b, members in self.held.items() for _ in members]
+            members = [m for ms in self.held.values() for m in ms]
+            if not members or not self.state.up:
+                continue
+            with contextlib.suppress(Unavailable):
+                gone = await self.state.call(self._renew(keys=keys, args=[lease_ms, *members]))
+                if int(gone):
+                    log.warning("slot_leases_lost", count=int(gone), replica=self.state.replica)
+
+    async def _listen_forever(self) -> None:
+        """Slots freed on other replicas: try the waiters here that can use them."""
+        while True:
+            try:
+                pubsub = self.state.listener.pubsub()
+                await pubsub.subscribe(FREED)
+                self._kick()  # anything freed while not listening
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._kick()
+            except (RedisError, OSError):
+                pass
+            await asyncio.sleep(1.0)  # Redis went away: subscribe again once it is back
