@@ -128,3 +128,12 @@ def exec_form(args: str) -> list[str]:
     start = args.index("[")
     command: list[str] = json.loads(args[start:])
     return command
+
+
+def ollama_services() -> set[str]:
+    """The compose services that run Ollama, in either stack (one box or two)."""
+    return {
+        name
+        for name, service in compose(two_boxes=True)["services"].items()
+        if str(service.get("image", "")).startswith("ollama/ollama:")
+    }
