@@ -7,7 +7,14 @@ set dotenv-load := false
 python := env("PYTHON", "python3")
 venv := justfile_directory() / ".venv"
 py := venv / "bin" / "python"
-compose := "docker compose -f deploy/compose.yaml --env-file deploy/.env -p ollama-gateway"
+# OLLAMA_BOXES=2 in deploy/.env: the two-box stack, a second Ollama from
+# deploy/compose.two-boxes.yaml. Every stack recipe gives compose the same files, so that
+# `down`, `logs` and `restart` know the second box too.
+boxes := `sed -n 's/^OLLAMA_BOXES=//p' deploy/.env 2>/dev/null | tail -n 1 | tr -d "\"' " || true`
+compose_files := if boxes == "2" { "-f deploy/compose.yaml -f deploy/compose.two-boxes.yaml" } else { "-f deploy/compose.yaml" }
+compose := "docker compose " + compose_files + " --env-file deploy/.env -p ollama-gateway"
+# The gateway's names for the two boxes (deploy/compose.two-boxes.yaml's BACKENDS).
+two_box_backends := "main second"
 # llama.cpp must be built for a generic x86-64 here: a native build crashes with
 # "Illegal instruction" on virtual machines that hide some of the host's CPU features.
 engine_cmake_args := env("ENGINE_CMAKE_ARGS", "-DGGML_NATIVE=OFF")
@@ -154,16 +161,25 @@ clean:
 status: venv
     {{py}} -m proxy status --project ollama-gateway
 
-# Pull the configured model through the gateway, with a progress bar.
+# Pull the configured model through the gateway, with a progress bar: onto the backend
+# OLLAMA_BACKEND names, else, in the two-box stack, onto each box.
 pull *model: venv
     #!/usr/bin/env bash
     set -euo pipefail
     set -a; [ -f deploy/.env ] && . deploy/.env; set +a
-    "{{py}}" -m proxy pull {{model}}
+    if [ -z "${OLLAMA_BACKEND:-}" ] && [ "{{boxes}}" = "2" ]; then
+        for backend in {{two_box_backends}}; do
+            echo "on $backend:"
+            "{{py}}" -m proxy pull --backend "$backend" {{model}}
+        done
+    else
+        "{{py}}" -m proxy pull {{model}}
+    fi
 
 alias setup-model := pull
 
-# Load the model into memory and report how long it took.
+# Load the model into memory and report how long it took (with several backends, on the
+# one the gateway routes it to).
 warmup *model: venv
     #!/usr/bin/env bash
     set -euo pipefail
@@ -187,6 +203,10 @@ _env: venv
         sed "s|^PROXY_ADMIN_KEY=.*|PROXY_ADMIN_KEY=$(secret)|" deploy/.env.example > deploy/.env
         echo "created deploy/.env (admin key generated; edit it to change limits and profile)"
     fi
+    case "{{boxes}}" in
+        ""|1|2) ;;
+        *) echo "deploy/.env: OLLAMA_BOXES must be 1 or 2, not '{{boxes}}'" >&2; exit 1 ;;
+    esac
     anonymous="$(sed -n 's/^ALLOW_ANONYMOUS=//p' deploy/.env | tail -n 1)"
     if [ -z "$(deploy/client-key.sh)" ] && [ "$anonymous" != "true" ]; then
         key="$(secret)"

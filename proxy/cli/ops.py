@@ -3,6 +3,8 @@
 ``status`` lives in ``proxy.cli.stack`` (it asks the Docker Engine); ``pull`` and ``warmup`` talk to
 the gateway over HTTP. Each async core takes its URL, key and output streams, so tests drive it
 inside their own event loop (next to the gateway), while ``run_*`` wraps it in ``asyncio.run``.
+With several backends behind the gateway, ``--backend`` names the one to act on; it travels
+as the gateway's ``X-Backend`` header (issue 15).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ADMIN_HINT = (
     "set PROXY_ADMIN_KEY (or pass --admin-key) to the gateway's auth.admin_key"
 )
 API_KEY_HINT = "hint: this gateway requires a client key: set PROXY_API_KEY (or pass --api-key)"
+BACKEND_HEADER = "X-Backend"  # the gateway's name for it: proxy.routes.BACKEND_HEADER
 
 
 def _timeout() -> aiohttp.ClientTimeout:
@@ -41,8 +44,41 @@ def _timeout() -> aiohttp.ClientTimeout:
     )
 
 
-def _headers(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
+def _headers(key: str | None, backend: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if backend:
+        headers[BACKEND_HEADER] = backend
+    return headers
+
+
+async def _backend_names(session: aiohttp.ClientSession, url: str) -> list[str]:
+    """The gateway's backends as its liveness answer lists them; empty when it does not."""
+    try:
+        async with session.get(f"{url}/health") as resp:
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return []
+    backends = body.get("backends") if isinstance(body, dict) else None
+    return [str(name) for name in backends] if isinstance(backends, dict) else []
+
+
+async def _hint_backend(
+    session: aiohttp.ClientSession, url: str, backend: str | None, err: TextIO
+) -> None:
+    """After a 400: when the gateway has several backends and none was named, or one it does
+    not have, say which names it takes (asked of the gateway, not read from its message)."""
+    names = await _backend_names(session, url)
+    listed = ", ".join(names)
+    if backend is None and len(names) > 1:
+        err.write(
+            f"hint: this gateway has several backends ({listed}): name the one to act on "
+            "with --backend NAME or OLLAMA_BACKEND\n"
+        )
+    elif backend is not None and names and backend not in names:
+        err.write(
+            f"hint: the gateway has no backend '{backend}'; its backends: {listed} "
+            "(--backend NAME or OLLAMA_BACKEND)\n"
+        )
 
 
 async def _report_refusal(
@@ -77,20 +113,25 @@ async def pull(
     key: str | None,
     out: TextIO,
     *,
+    backend: str | None = None,
     err: TextIO | None = None,
     is_tty: bool | None = None,
 ) -> int:
-    """Stream ``/api/pull`` through the gateway; 0 once Ollama says ``success``."""
+    """Stream ``/api/pull`` through the gateway (onto ``backend``, if named); 0 once Ollama
+    says ``success``."""
     err = err if err is not None else sys.stderr
     progress = PullProgress(out, is_tty=out.isatty() if is_tty is None else is_tty)
     body = {"model": model, "stream": True}
     try:
         async with (
             aiohttp.ClientSession(timeout=_timeout()) as session,
-            session.post(f"{url}/api/pull", json=body, headers=_headers(key)) as resp,
+            session.post(f"{url}/api/pull", json=body, headers=_headers(key, backend)) as resp,
         ):
             if resp.status != 200:
-                return await _report_refusal(resp, err, auth_hint=ADMIN_HINT, what="pull")
+                code = await _report_refusal(resp, err, auth_hint=ADMIN_HINT, what="pull")
+                if resp.status == 400:
+                    await _hint_backend(session, url, backend, err)
+                return code
             async for raw in resp.content:
                 if not raw.strip():
                     continue
@@ -106,7 +147,7 @@ async def pull(
                 progress.update(event)
                 if event.get("status") == "success":
                     progress.finish()
-                    out.write(f"{model} is ready\n")
+                    out.write(f"{model} is ready{f' on {backend}' if backend else ''}\n")
                     return 0
     except (aiohttp.ClientError, TimeoutError) as exc:
         progress.finish()
@@ -117,9 +158,16 @@ async def pull(
 
 
 async def warmup(
-    url: str, model: str, key: str | None, out: TextIO, *, err: TextIO | None = None
+    url: str,
+    model: str,
+    key: str | None,
+    out: TextIO,
+    *,
+    backend: str | None = None,
+    err: TextIO | None = None,
 ) -> int:
-    """Load the model with an empty prompt (Ollama's documented way) and report how long it took."""
+    """Load the model with an empty prompt (Ollama's documented way) and report how long it
+    took; ``backend`` goes along as ``X-Backend``."""
     err = err if err is not None else sys.stderr
     body = {"model": model, "prompt": "", "stream": False}
     out.write(f"loading {model} ...\n")
@@ -128,12 +176,14 @@ async def warmup(
     try:
         async with (
             aiohttp.ClientSession(timeout=_timeout()) as session,
-            session.post(f"{url}/api/generate", json=body, headers=_headers(key)) as resp,
+            session.post(f"{url}/api/generate", json=body, headers=_headers(key, backend)) as resp,
         ):
             if resp.status != 200:
                 code = await _report_refusal(resp, err, auth_hint=API_KEY_HINT, what="warmup")
                 if resp.status == 404:
                     err.write(f"hint: pull it first: python -m proxy pull {model}\n")
+                elif resp.status == 400:
+                    await _hint_backend(session, url, backend, err)
                 return code
             answer = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -157,21 +207,34 @@ def url_of(args: argparse.Namespace) -> str:
     return str(args.url or os.environ.get("GATEWAY_URL") or DEFAULT_URL).rstrip("/")
 
 
+def backend_of(args: argparse.Namespace) -> str | None:
+    return args.backend or os.environ.get("OLLAMA_BACKEND") or None
+
+
 def run_pull(args: argparse.Namespace) -> int:
     key = args.admin_key or os.environ.get("PROXY_ADMIN_KEY") or None
-    return asyncio.run(pull(url_of(args), model_of(args), key, sys.stdout))
+    return asyncio.run(
+        pull(url_of(args), model_of(args), key, sys.stdout, backend=backend_of(args))
+    )
 
 
 def run_warmup(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("PROXY_API_KEY") or None
-    return asyncio.run(warmup(url_of(args), model_of(args), key, sys.stdout))
+    return asyncio.run(
+        warmup(url_of(args), model_of(args), key, sys.stdout, backend=backend_of(args))
+    )
 
 
-def _add_gateway_args(parser: argparse.ArgumentParser) -> None:
+def _add_gateway_args(parser: argparse.ArgumentParser, backend_help: str) -> None:
     parser.add_argument(
         "model", nargs="?", help=f"model name (default: $OLLAMA_MODEL or {DEFAULT_MODEL})"
     )
     parser.add_argument("--url", help=f"gateway URL (default: $GATEWAY_URL or {DEFAULT_URL})")
+    parser.add_argument(
+        "--backend",
+        metavar="NAME",
+        help=f"{backend_help}, sent as {BACKEND_HEADER} (default: $OLLAMA_BACKEND)",
+    )
 
 
 def add_parser(subparsers: Any) -> None:
@@ -191,7 +254,9 @@ def add_parser(subparsers: Any) -> None:
     pull_parser = subparsers.add_parser(
         "pull", aliases=["setup-model"], help="download a model through the gateway"
     )
-    _add_gateway_args(pull_parser)
+    _add_gateway_args(
+        pull_parser, "the backend to download to (needed when the gateway has several)"
+    )
     # The environment is the better place for keys: arguments show up in `ps`.
     pull_parser.add_argument("--admin-key", help="the gateway's admin key ($PROXY_ADMIN_KEY)")
     pull_parser.set_defaults(run=run_pull)
@@ -199,6 +264,6 @@ def add_parser(subparsers: Any) -> None:
     warmup_parser = subparsers.add_parser(
         "warmup", help="load the model into memory and report the load time"
     )
-    _add_gateway_args(warmup_parser)
+    _add_gateway_args(warmup_parser, "the backend to load it on")
     warmup_parser.add_argument("--api-key", help="a client API key ($PROXY_API_KEY)")
     warmup_parser.set_defaults(run=run_warmup)

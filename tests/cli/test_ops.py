@@ -1,5 +1,5 @@
-"""``pull`` and ``warmup`` through the real gateway in front of the fake Ollama, and their
-arguments."""
+"""``pull`` and ``warmup`` through the real gateway in front of the fake Ollama (or two, as
+backends ``main`` and ``second``), and their arguments."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from loadtest.fake_ollama import FakeOllama
+from loadtest.fake_ollama import FakeOllama, FakeOllamaConfig
+from loadtest.fake_ollama.recorder import SeenRequest
+from proxy import routes
 from proxy.__main__ import main
 from proxy.cli import ops
 from tests.conftest import FakeClock, GatewayFactory, RunningGateway
@@ -219,6 +221,151 @@ def test_arguments_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch)
     args = parse(["warmup"])
     assert (ops.model_of(args), ops.url_of(args)) == (ops.DEFAULT_MODEL, "http://localhost:8000")
     assert parse(["warmup", "m", "--url", "http://x:1"]).url == "http://x:1"
+
+
+# --- several backends: --backend, sent as X-Backend -------------------------------------------
+
+
+@pytest.fixture
+async def second_fake() -> AsyncIterator[FakeOllama]:
+    """Another fake Ollama, the gateway's second backend."""
+    server = FakeOllama(FakeOllamaConfig())
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def two_backends(
+    gateway_factory: GatewayFactory, fake: FakeOllama, second_fake: FakeOllama
+) -> RunningGateway:
+    """The gateway, with the admin key, in front of two fake Ollamas: main and second."""
+    return await gateway_factory(
+        backends=[{"name": "main", "url": fake.url}, {"name": "second", "url": second_fake.url}],
+        auth={"admin_key": ADMIN_KEY},
+    )
+
+
+def pulls(server: FakeOllama) -> list[SeenRequest]:
+    return [seen for seen in server.seen if seen.path == "/api/pull"]
+
+
+@pytest.mark.parametrize("target", ["second", "main"])
+async def test_pull_with_a_backend_downloads_onto_that_backend_only(
+    two_backends: RunningGateway,
+    fake: FakeOllama,
+    second_fake: FakeOllama,
+    console: Console,
+    target: str,
+) -> None:
+    """`pull --backend NAME` streams to success on the named backend; the other never sees it."""
+    fakes = {"main": fake, "second": second_fake}
+    (other,) = set(fakes) - {target}
+    code = await ops.pull(
+        two_backends.url, "tinyllama:1.1b", ADMIN_KEY, console.out, backend=target, err=console.err
+    )
+    assert code == 0, console.err.getvalue()
+    assert console.out.getvalue().splitlines()[-1] == f"tinyllama:1.1b is ready on {target}"
+    assert [seen.json for seen in pulls(fakes[target])] == [
+        {"model": "tinyllama:1.1b", "stream": True}
+    ]
+    assert fakes[target].find_model("tinyllama:1.1b") is not None
+    assert pulls(fakes[other]) == []
+    assert fakes[other].find_model("tinyllama:1.1b") is None
+
+
+async def test_pull_without_a_backend_is_refused_naming_the_backends(
+    two_backends: RunningGateway, fake: FakeOllama, second_fake: FakeOllama, console: Console
+) -> None:
+    """With several backends and none named, the gateway's 400 is printed with a hint that
+    lists the backends and how to name one; nothing is pulled."""
+    code = await ops.pull(
+        two_backends.url, "tinyllama:1.1b", ADMIN_KEY, console.out, err=console.err
+    )
+    assert code == 1
+    err = console.err.getvalue()
+    assert "pull failed: HTTP 400: this gateway has several backends" in err
+    assert (
+        "hint: this gateway has several backends (main, second): name the one to act on "
+        "with --backend NAME or OLLAMA_BACKEND\n"
+    ) in err
+    assert console.out.getvalue() == ""
+    assert pulls(fake) == pulls(second_fake) == []
+
+
+async def test_pull_to_an_unknown_backend_lists_the_gateways_backends(
+    two_backends: RunningGateway, fake: FakeOllama, second_fake: FakeOllama, console: Console
+) -> None:
+    """A backend name the gateway does not have gets its 400 and a hint with the real names."""
+    code = await ops.pull(
+        two_backends.url, "tinyllama:1.1b", ADMIN_KEY, console.out, backend="gpu", err=console.err
+    )
+    assert code == 1
+    err = console.err.getvalue()
+    assert "pull failed: HTTP 400: no backend named 'gpu'" in err
+    assert "hint: the gateway has no backend 'gpu'; its backends: main, second" in err
+    assert pulls(fake) == pulls(second_fake) == []
+
+
+@pytest.fixture
+async def stand_in() -> AsyncIterator[Callable[..., Any]]:
+    """A stand-in gateway that answers each (method, path) with a fixed status and JSON body,
+    and records the headers of every request."""
+    servers: list[TestServer] = []
+
+    async def start(answers: dict[tuple[str, str], tuple[int, Any]]) -> tuple[str, list[Any]]:
+        seen: list[Any] = []
+
+        async def answer(request: web.Request) -> web.Response:
+            seen.append(request.headers.copy())
+            status, body = answers[request.method, request.path]
+            return web.json_response(body, status=status)
+
+        app = web.Application()
+        for method, path in answers:
+            app.router.add_route(method, path, answer)
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.port}", seen
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def test_warmup_sends_its_backend_as_x_backend(stand_in: Any, console: Console) -> None:
+    """warmup sends --backend in the gateway's X-Backend header, and no such header without."""
+    url, seen = await stand_in({("POST", "/api/generate"): (200, {"response": "", "done": True})})
+    assert await ops.warmup(url, "m", None, console.out, backend="second", err=console.err) == 0
+    assert await ops.warmup(url, "m", None, console.out, err=console.err) == 0
+    assert [headers.get(routes.BACKEND_HEADER) for headers in seen] == ["second", None]
+
+
+async def test_a_400_not_about_backends_gets_no_backend_hint(
+    stand_in: Any, console: Console
+) -> None:
+    """A 400 from a gateway whose /health lists one backend or none is printed as it is."""
+    url, _ = await stand_in(
+        {
+            ("POST", "/api/pull"): (400, {"error": "invalid model name"}),
+            ("GET", "/health"): (200, {"status": "ok", "backends": {"default": {"up": True}}}),
+        }
+    )
+    assert await ops.pull(url, "Bad Name", ADMIN_KEY, console.out, err=console.err) == 1
+    assert console.err.getvalue() == "pull failed: HTTP 400: invalid model name\n"
+
+
+def test_the_backend_comes_from_the_flag_or_ollama_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--backend wins over $OLLAMA_BACKEND; with neither, no backend is named."""
+    monkeypatch.setenv("OLLAMA_BACKEND", "second")
+    assert ops.backend_of(parse(["pull"])) == "second"
+    assert ops.backend_of(parse(["warmup", "--backend", "main"])) == "main"
+    monkeypatch.delenv("OLLAMA_BACKEND")
+    assert ops.backend_of(parse(["setup-model", "m"])) is None
+    assert ops.BACKEND_HEADER == routes.BACKEND_HEADER
 
 
 # --- pure formatting --------------------------------------------------------------------------

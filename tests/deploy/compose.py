@@ -1,11 +1,14 @@
-"""The deploy files as tests read them: compose.yaml interpolated as Compose would, .env.example
-as a mapping, and the Dockerfile as a list of instructions."""
+"""The deploy files as tests read them: compose.yaml (alone, or with the two-box override)
+interpolated as Compose would, .env.example as a mapping, and the Dockerfile as a list of
+instructions."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Mapping
+import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,8 @@ import yaml
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
 COMPOSE_PATH = DEPLOY / "compose.yaml"
+TWO_BOXES_PATH = DEPLOY / "compose.two-boxes.yaml"  # an override of compose.yaml
+COMPOSE_FILES = (COMPOSE_PATH, TWO_BOXES_PATH)
 ENV_EXAMPLE_PATH = DEPLOY / ".env.example"
 DOCKERFILE_PATH = DEPLOY / "Dockerfile"
 
@@ -21,9 +26,24 @@ DOCKERFILE_PATH = DEPLOY / "Dockerfile"
 INTERPOLATION = re.compile(r"\$\{(\w+)(:-([^}]*))?\}")
 
 
-def raw_compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(COMPOSE_PATH.read_text(encoding="utf-8"))
+def raw_compose(path: Path = COMPOSE_PATH) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
     return data
+
+
+def merge_override(base: Any, override: Any, where: str = "") -> Any:
+    """``override`` applied to ``base`` as Compose merges files, for what the stack's override
+    uses: mappings (services, environment, depends_on, volumes) merge key by key, and a
+    scalar replaces a scalar. Compose merges sequences by rules that differ from key to key
+    (ports add up, volumes merge by target), so an override of one is refused here."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            inner = f"{where}.{key}"
+            merged[key] = merge_override(base[key], value, inner) if key in base else value
+        return merged
+    assert not isinstance(base, list | dict), f"{where}: the override replaces a {type(base)}"
+    return override
 
 
 def interpolate(node: Any, env: Mapping[str, str]) -> Any:
@@ -39,9 +59,31 @@ def interpolate(node: Any, env: Mapping[str, str]) -> Any:
     return node
 
 
-def compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    result: dict[str, Any] = interpolate(raw_compose(), env or {})
+def compose(env: Mapping[str, str] | None = None, *, two_boxes: bool = False) -> dict[str, Any]:
+    """compose.yaml, with the two-box override if asked, interpolated with ``env``."""
+    raw = raw_compose()
+    if two_boxes:
+        raw = merge_override(raw, raw_compose(TWO_BOXES_PATH))
+    result: dict[str, Any] = interpolate(raw, env or {})
     return result
+
+
+def docker_compose_config(
+    binary: str, env_file: Path, files: Sequence[Path] = (COMPOSE_PATH,)
+) -> subprocess.CompletedProcess[str]:
+    """``docker-compose -f ... --env-file env_file config``: the files validated, merged and
+    interpolated by Compose itself."""
+    # A minimal environment, so that variables in the developer's shell cannot stand in for
+    # missing defaults.
+    argv = [binary, *(arg for path in files for arg in ("-f", str(path)))]
+    return subprocess.run(
+        [*argv, "--env-file", str(env_file), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(env_file.parent)},
+    )
 
 
 def env_example() -> dict[str, str]:
@@ -86,3 +128,12 @@ def exec_form(args: str) -> list[str]:
     start = args.index("[")
     command: list[str] = json.loads(args[start:])
     return command
+
+
+def ollama_services() -> set[str]:
+    """The compose services that run Ollama, in either stack (one box or two)."""
+    return {
+        name
+        for name, service in compose(two_boxes=True)["services"].items()
+        if str(service.get("image", "")).startswith("ollama/ollama:")
+    }

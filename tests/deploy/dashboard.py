@@ -54,6 +54,11 @@ class Query:
     ref_id: str
     expr: str  # as written in the dashboard
     promql: str  # with Grafana's variables substituted
+    legend: str = ""  # its legendFormat: {{label}} names the labels its series differ by
+
+    @property
+    def legend_labels(self) -> set[str]:
+        return set(re.findall(r"\{\{\s*(\w+)\s*\}\}", self.legend))
 
     @property
     def selectors(self) -> list[tuple[str, str]]:
@@ -113,7 +118,13 @@ def substitute(expr: str, values: dict[str, str]) -> str:
 def queries(dashboard: dict[str, Any]) -> list[Query]:
     values = variable_values(dashboard)
     return [
-        Query(panel["title"], target["refId"], target["expr"], substitute(target["expr"], values))
+        Query(
+            panel["title"],
+            target["refId"],
+            target["expr"],
+            substitute(target["expr"], values),
+            target.get("legendFormat", ""),
+        )
         for panel in iter_panels(dashboard)
         for target in panel.get("targets", [])
     ]

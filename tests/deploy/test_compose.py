@@ -17,11 +17,13 @@ import yaml
 from proxy.config import ENV_OVERRIDES, ConfigError, load_config
 from tests.conftest import RunningGateway
 from tests.deploy.compose import (
+    COMPOSE_FILES,
     DEPLOY,
     ENV_EXAMPLE_PATH,
     INTERPOLATION,
     REPO,
     compose,
+    docker_compose_config,
     dockerfile_instructions,
     env_example,
     environment,
@@ -33,19 +35,9 @@ pytestmark = pytest.mark.timeout(60)
 
 GATEWAY_ENV_NAMES = set(ENV_OVERRIDES) | {"PROXY_CONFIG"}
 FOUR_GB_PROFILE = {"OLLAMA_MODEL": "qwen2.5:0.5b", "OLLAMA_MEMORY_LIMIT": "4g"}
-
-
-def run_docker_compose(binary: str, env_file: Path) -> subprocess.CompletedProcess[str]:
-    # A minimal environment, so that variables in the developer's shell cannot stand in for
-    # missing defaults.
-    return subprocess.run(
-        [binary, "-f", str(DEPLOY / "compose.yaml"), "--env-file", str(env_file), "config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(env_file.parent)},
-    )
+# .env.example entries no compose file reads: the project name is Compose's own, and the
+# Justfile reads OLLAMA_BOXES to choose the compose files.
+NOT_INTERPOLATED = {"COMPOSE_PROJECT_NAME", "OLLAMA_BOXES"}
 
 
 @pytest.mark.parametrize("source", ["no .env", ".env.example"])
@@ -53,7 +45,7 @@ def test_docker_compose_accepts_the_file(docker_compose: str, tmp_path: Path, so
     """docker-compose validates compose.yaml against the Compose schema, with and without a .env."""
     env_file = tmp_path / "env"
     env_file.write_text("" if source == "no .env" else ENV_EXAMPLE_PATH.read_text())
-    result = run_docker_compose(docker_compose, env_file)
+    result = docker_compose_config(docker_compose, env_file)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     assert set(resolved["services"]) == {
@@ -151,9 +143,10 @@ def published(service: dict[str, object]) -> list[tuple[str, str, str]]:
     return out
 
 
-def test_only_the_gateway_listens_beyond_loopback() -> None:
+@pytest.mark.parametrize("two_boxes", [False, True], ids=["one box", "two boxes"])
+def test_only_the_gateway_listens_beyond_loopback(two_boxes: bool) -> None:
     """By default every published port but the gateway's is bound to 127.0.0.1."""
-    services = compose()["services"]
+    services = compose(two_boxes=two_boxes)["services"]
     assert published(services["proxy"]) == [("0.0.0.0", "8000", "8000")]
     expected = {"cadvisor": "8080", "prometheus": "9090", "alertmanager": "9093", "grafana": "3000"}
     for name, port in expected.items():
@@ -164,9 +157,11 @@ def test_only_the_gateway_listens_beyond_loopback() -> None:
 
 
 def test_images_are_pinned() -> None:
-    """Every image, in compose.yaml and the Dockerfile, names a version tag, never latest."""
+    """Every image, in the compose files and the Dockerfile, names a version tag, never latest."""
     images = [
-        service["image"] for service in compose()["services"].values() if "build" not in service
+        service["image"]
+        for service in compose(two_boxes=True)["services"].values()
+        if "build" not in service
     ]
     images += [args.split()[0] for keyword, args in dockerfile_instructions() if keyword == "FROM"]
     assert images
@@ -192,14 +187,16 @@ def strings(node: object) -> Iterator[str]:
 
 
 def test_every_variable_has_a_default_and_is_documented() -> None:
-    """Each ${VAR} in compose.yaml has a default and a commented entry in .env.example, and back."""
+    """Each ${VAR} in the compose files has a default and a commented entry in .env.example,
+    and back."""
     used = {}
-    for text in strings(raw_compose()):
-        for match in INTERPOLATION.finditer(text):
-            assert match.group(2), f"${{{match.group(1)}}} has no default"
-            used[match.group(1)] = match.group(3)
+    for path in COMPOSE_FILES:
+        for text in strings(raw_compose(path)):
+            for match in INTERPOLATION.finditer(text):
+                assert match.group(2), f"{path.name}: ${{{match.group(1)}}} has no default"
+                used[match.group(1)] = match.group(3)
     documented = env_example()
-    assert set(used) == set(documented) - {"COMPOSE_PROJECT_NAME"}
+    assert set(used) == set(documented) - NOT_INTERPOLATED
     # Every assignment sits under a comment (directly, or in a block under one).
     commented = False
     for line in ENV_EXAMPLE_PATH.read_text().splitlines():
@@ -236,8 +233,8 @@ def test_cadvisor_can_count_oom_kills() -> None:
 
 
 def test_bind_mounted_files_exist() -> None:
-    """Every file or directory compose.yaml bind-mounts from the repository exists."""
-    for name, service in compose()["services"].items():
+    """Every file or directory the compose files bind-mount from the repository exists."""
+    for name, service in compose(two_boxes=True)["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("."):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from proxy.metrics import Metrics
-from tests.deploy.compose import DEPLOY, compose, environment
+from tests.deploy.compose import DEPLOY, compose, environment, ollama_services
 from tests.deploy.dashboard import (
     COMPOSE_SERVICE_LABEL,
     DASHBOARD_PATH,
@@ -46,6 +46,20 @@ REQUIRED_PANELS = {
     "Ollama Up",
     "Loaded Models",
     "Loaded Model Memory",
+    # Several backends (issue 15).
+    "Backend Up",
+    "Active Requests vs Slots by Backend",
+    "Requests by Backend",
+    "Backend Failovers",
+    "Time to First Token p95 by Backend",
+}
+# Panels that show each backend: their queries keep the backend labels in their legends.
+BACKEND_PANELS = {
+    "Backend Up": {"backend"},
+    "Active Requests vs Slots by Backend": {"backend"},
+    "Requests by Backend": {"backend"},
+    "Backend Failovers": {"from_backend", "to_backend"},
+    "Time to First Token p95 by Backend": {"backend"},
 }
 CONTAINER_PANELS = {
     "Memory Usage vs Limit",
@@ -105,15 +119,31 @@ def test_panels_have_queries_ids_and_room() -> None:
 
 
 def test_container_panels_select_ollama_by_compose_service() -> None:
-    """cAdvisor queries select the Ollama container by compose service label, never by name."""
+    """cAdvisor queries select the Ollama containers (the second box's too) by compose service
+    label, never by name, and show each container apart."""
+    services = "|".join(sorted(ollama_services()))
     container_titles = set()
     for query in queries(load_dashboard()):
         for metric, matchers in query.selectors:
             if is_container_metric(metric):
                 container_titles.add(query.panel)
-                assert f'{COMPOSE_SERVICE_LABEL}="ollama"' in matchers, query.expr
+                assert f'{COMPOSE_SERVICE_LABEL}=~"{services}"' in matchers, query.expr
                 assert not re.search(r"\bname\s*[=!~]", matchers), query.expr
+        if query.is_container and query.panel not in {"Memory Usage %", "OOM Events"}:
+            assert COMPOSE_SERVICE_LABEL in query.legend_labels, query.expr
     assert container_titles == CONTAINER_PANELS
+
+
+def test_backend_panels_show_each_backend() -> None:
+    """The per-backend panels group by the backend labels and name them in their legends."""
+    found = set()
+    for query in queries(load_dashboard()):
+        if query.panel in BACKEND_PANELS:
+            found.add(query.panel)
+            labels = BACKEND_PANELS[query.panel]
+            assert query.legend_labels == labels, query.expr
+            assert re.search(rf"\bby \({', '.join(sorted(labels))}\b", query.expr), query.expr
+    assert found == set(BACKEND_PANELS)
 
 
 def test_rates_use_grafana_intervals() -> None:

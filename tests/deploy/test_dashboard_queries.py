@@ -1,9 +1,11 @@
 """Dashboard panels and alert expressions, evaluated by a real Prometheus scraping a gateway.
 
-The gateway runs in-process in front of the fake Ollama; Debian's ``prometheus`` scrapes it
-every second while the test sends traffic that moves every gateway metric. Panels on the
-gateway's metrics must then return data; panels on cAdvisor's (which no test can produce)
-must evaluate without error, as must every alert rule's expression.
+The gateway runs in-process in front of two fake Ollamas, its backends ``main`` and
+``second`` (so that the per-backend panels have something to tell apart, and a failover can
+happen); Debian's ``prometheus`` scrapes it every second while the test sends traffic that
+moves every gateway metric. Panels on the gateway's metrics must then return data, split by
+no label their legends do not show; panels on cAdvisor's (which no test can produce) must
+evaluate without error, as must every alert rule's expression.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from loadtest.fake_ollama import MODE_HEADER, FakeOllama
+from loadtest.fake_ollama import MODE_HEADER, FakeOllama, FakeOllamaConfig
 from tests.conftest import MODEL, GatewayFactory, RunningGateway
 from tests.deploy.dashboard import Query, load_dashboard, queries, rule_expressions
 from tests.deploy.prometheus import PrometheusServer
@@ -25,16 +27,35 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.prometheus, pytest.mark.slow
 TESTER = {"Authorization": "Bearer tester-key-0001"}
 GREEDY = {"Authorization": "Bearer greedy-key-0001"}
 DATA_DEADLINE_S = 45.0
+BACKENDS = {"main", "second"}
+
+
+@pytest.fixture
+async def second_fake() -> AsyncIterator[FakeOllama]:
+    """Another fake Ollama, for the gateway's second backend."""
+    server = FakeOllama(FakeOllamaConfig())
+    await server.start()
+    yield server
+    await server.close()
 
 
 @pytest.fixture
 async def monitored(
-    fake: FakeOllama, gateway_factory: GatewayFactory, prometheus_binary: str
+    fake: FakeOllama,
+    second_fake: FakeOllama,
+    gateway_factory: GatewayFactory,
+    prometheus_binary: str,
 ) -> AsyncIterator[tuple[RunningGateway, PrometheusServer]]:
-    """A gateway with a normal and a throttled API key, and a Prometheus scraping it."""
-    fake.config.load_s = 0.02  # so that Ollama's load_duration reaches the load-time panel
+    """A gateway with two backends, a normal and a throttled API key, and a Prometheus
+    scraping it."""
+    for server in (fake, second_fake):
+        server.config.load_s = 0.02  # so that Ollama's load_duration reaches its panel
     gateway = await gateway_factory(
         upstream={"probe_interval_s": 0.2},  # loaded-model gauges follow within a scrape
+        backends=[
+            {"name": "main", "url": fake.url, "slots": 1},
+            {"name": "second", "url": second_fake.url, "slots": 1},
+        ],
         auth={
             "api_keys": [
                 {"name": "tester", "key": "tester-key-0001"},
@@ -70,7 +91,8 @@ async def exercise(http: aiohttp.ClientSession, base: str) -> None:
     # Not streamed.
     generate = {"model": MODEL, "prompt": "hello", "stream": False}
     assert await send(http, base + "/api/generate", TESTER, generate) == 200
-    # Failures at the upstream: an error, and "busy" answers the gateway retries.
+    # Failures at the upstream: an error, and "busy" answers: the first backend's moves the
+    # request to the other (a failover), where, alone, it is retried.
     failing = {**TESTER, MODE_HEADER: "error500"}
     assert await send(http, base + "/api/chat", failing, {**chat, "stream": False}) == 500
     busy = {**TESTER, MODE_HEADER: "busy"}
@@ -109,6 +131,21 @@ async def queries_without_data(prometheus: PrometheusServer, candidates: list[Qu
     return missing
 
 
+async def queries_split_beyond_their_legend(
+    prometheus: PrometheusServer, candidates: list[Query]
+) -> list[str]:
+    """The queries whose series carry a label their legend does not show: a panel meant to
+    show one line per model (or one number) that a second backend would split."""
+    split = []
+    for query in candidates:
+        for series in await prometheus.query(query.promql):
+            extra = set(series["metric"]) - query.legend_labels
+            if extra:
+                split.append(f"{query.panel} [{query.ref_id}]: {query.promql} -> by {extra}")
+                break
+    return split
+
+
 async def test_dashboard_queries_return_data(
     monitored: tuple[RunningGateway, PrometheusServer], http: aiohttp.ClientSession
 ) -> None:
@@ -129,6 +166,8 @@ async def test_dashboard_queries_return_data(
         await prometheus.wait_for_scrapes(1)
         missing = await queries_without_data(prometheus, gateway_queries)
     assert not missing, "panels without data:\n" + "\n".join(missing)
+    split = await queries_split_beyond_their_legend(prometheus, gateway_queries)
+    assert not split, "panels split by labels they do not show:\n" + "\n".join(split)
 
     # No cAdvisor here: these must only evaluate (a bad query raises PrometheusError).
     for query in container_queries:
@@ -170,3 +209,43 @@ async def test_traffic_reaches_prometheus_with_its_labels(
         await prometheus.wait_for_scrapes(1)
     retries = await prometheus.query("sum(ollama_upstream_retries_total)")
     assert float(retries[0]["value"][1]) > 0
+
+
+async def test_each_backend_reaches_prometheus_and_failovers_name_both(
+    monitored: tuple[RunningGateway, PrometheusServer], http: aiohttp.ClientSession
+) -> None:
+    """Both backends' slots and probes arrive per backend, and each busy answer's failover is
+    counted from one backend to the other."""
+    gateway, prometheus = monitored
+    await exercise_twice(http, gateway.url, prometheus)
+
+    async def by_backend(promql: str) -> dict[str, float]:
+        return {
+            s["metric"]["backend"]: float(s["value"][1]) for s in await prometheus.query(promql)
+        }
+
+    async def failovers() -> dict[tuple[str, str], float]:
+        result = await prometheus.query(
+            "sum by (from_backend, to_backend) (ollama_backend_failovers_total)"
+        )
+        return {
+            (s["metric"]["from_backend"], s["metric"]["to_backend"]): float(s["value"][1])
+            for s in result
+        }
+
+    deadline = time.monotonic() + DATA_DEADLINE_S
+    while sum((moved := await failovers()).values()) < 2:  # one busy request a round
+        assert time.monotonic() < deadline, f"after {DATA_DEADLINE_S:g} s: {moved}"
+        await prometheus.wait_for_scrapes(1)
+    assert all(src != dst and {src, dst} == BACKENDS for src, dst in moved)
+    assert await by_backend("sum by (backend) (ollama_concurrency_slots)") == {
+        "main": 1.0,
+        "second": 1.0,
+    }
+    assert await by_backend("max by (backend) (ollama_upstream_up)") == {
+        "main": 1.0,
+        "second": 1.0,
+    }
+    served = await by_backend('sum by (backend) (ollama_requests_total{backend!="none"})')
+    assert set(served) == BACKENDS
+    assert sum(served.values()) > 0

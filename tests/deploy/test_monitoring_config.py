@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from proxy.metrics import Metrics
-from tests.deploy.compose import DEPLOY, compose
+from tests.deploy.compose import DEPLOY, compose, ollama_services
 from tests.deploy.dashboard import RULES_DIR, rule_expressions, selectors
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,13 +23,14 @@ REQUIRED_ALERTS = {
     "OOMDetected",
     "GatewayDown",
     "OllamaDown",
+    "BackendDown",
     "HighErrorRatio",
     "SlowTimeToFirstToken",
     "QueueSaturated",
     "RateLimitSpike",
 }
 # Alerts whose thresholds have traffic or limit guards worth proving quiet.
-REQUIRED_QUIET_CASES = {"HighMemoryUsage", "HighErrorRatio"}
+REQUIRED_QUIET_CASES = {"HighMemoryUsage", "HighErrorRatio", "BackendDown", "QueueSaturated"}
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -166,6 +167,25 @@ def test_container_alerts_select_by_compose_service() -> None:
             if metric.startswith("container_"):
                 assert "container_label_com_docker_compose_service" in matchers, name
                 assert not re.search(r"\bname\s*[=!~]", matchers), name
+
+
+def test_container_alerts_watch_every_ollama_container() -> None:
+    """HighMemoryUsage selects exactly the stacks' Ollama services (the second box's too)."""
+    found = set()
+    for metric, matchers in selectors(alert_rules()["HighMemoryUsage"]["expr"]):
+        match = re.search(r'container_label_com_docker_compose_service=~"([^"]*)"', matchers)
+        assert match, f"{metric}{matchers}"
+        found.add(frozenset(match.group(1).split("|")))
+    assert found == {frozenset(ollama_services())}
+
+
+def test_backend_down_says_where_to_look_for_each_box() -> None:
+    """BackendDown's description names the readiness endpoint and `just logs` for each
+    Ollama service of the stacks."""
+    description = " ".join(alert_rules()["BackendDown"]["annotations"]["description"].split())
+    assert "/health/ollama" in description
+    for service in ollama_services():
+        assert f"`just logs {service}`" in description, service
 
 
 def test_alertmanager_config_is_valid(amtool: str) -> None:
