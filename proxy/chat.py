@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.admission.admit import Gated, admit, session_of
+from proxy.admission.admit import Gated, admit, named_backend, session_of
 from proxy.admission.body import field as body_field
 from proxy.admission.body import parse_object, read_body
 from proxy.dialects import Usage, error_message, error_text, usage_from_native, usage_from_openai
@@ -88,8 +88,11 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
     num_predict = body_field(options, "num_predict", int, "an integer (options.num_predict)")
     estimate = gateway.policy.token_estimate(len(raw), num_predict, generates=True)
     exchange.model = model
+    only = named_backend(request, gateway.backends.by_name)
     await gateway.probe.learn(model)
-    gateway.backends.check_route(model, native=False, retry_after_s=gateway.gate.retry_after_s())
+    gateway.backends.check_route(
+        model, native=False, retry_after_s=gateway.gate.retry_after_s(), only=only
+    )
 
     def build(upstream: Upstream) -> tuple[str, bytes]:
         """The chat in the backend's own API."""
@@ -101,8 +104,9 @@ async def chat_route(request: web.Request) -> web.StreamResponse:
 
     session = session_of(request, principal)
     place = Gated(
-        gateway, exchange, principal, estimate, model=model, native=False, session=session
-    )
+        gateway, exchange, principal, estimate, model=model, native=False, session=session,
+        only=only,
+    )  # fmt: skip
     async with place:
         used, response = await open_placed(
             request, place, exchange, method="POST", build=build, is_json=True

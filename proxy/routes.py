@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.admission.admit import Gated, admit, session_of
+from proxy.admission.admit import BACKEND_HEADER, Gated, admit, named_backend, session_of
 from proxy.admission.body import body_chunks, read_body
 from proxy.admission.keys import Principal
 from proxy.errors import InvalidRequestError, UnsupportedByBackendError
@@ -26,7 +26,6 @@ from proxy.upstream.client import Body
 from proxy.upstream.forward import Fixed, forward
 from proxy.upstream.listings import MERGED, merged
 
-BACKEND_HEADER = "X-Backend"  # which backend a model-management request acts on
 INFERENCE = "inference"  # rate limited, gated, body read and checked
 METADATA = "metadata"  # authenticated, relayed as is
 MANAGEMENT = "management"  # model management: the admin key only
@@ -130,9 +129,10 @@ async def infer(
     if prepared.clamped_num_ctx is not None:
         exchange.headers["X-Context-Length-Clamped"] = str(prepared.clamped_num_ctx)
     native = not spec.openai
+    only = named_backend(request, gateway.backends.by_name)
     await gateway.probe.learn(prepared.model)
     gateway.backends.check_route(
-        prepared.model, native=native, retry_after_s=gateway.gate.retry_after_s()
+        prepared.model, native=native, retry_after_s=gateway.gate.retry_after_s(), only=only
     )
     place = Gated(
         gateway,
@@ -142,6 +142,7 @@ async def infer(
         model=prepared.model,
         native=native,
         session=session_of(request, principal),
+        only=only,
     )
     async with place:
         return await forward(
@@ -159,17 +160,13 @@ def _named_backend(request: web.Request, gateway: Gateway) -> Backend:
     """A model-management request's backend: the one ``X-Backend`` names (needed when there
     are several: a pull or delete acts on one box)."""
     backends = gateway.backends
-    name = request.headers.get(BACKEND_HEADER)
-    backend = backends.named(name)
-    if backend is not None:
-        return backend
-    names = ", ".join(backends.by_name)
-    if name:
-        raise InvalidRequestError(f"no backend named '{name}' ({BACKEND_HEADER}: one of {names})")
+    name = named_backend(request, backends.by_name)
+    if name is not None:
+        return backends.by_name[name]
     if backends.several:
         raise InvalidRequestError(
             f"this gateway has several backends: name the one to act on with the "
-            f"{BACKEND_HEADER} header (one of {names})"
+            f"{BACKEND_HEADER} header (one of {', '.join(backends.by_name)})"
         )
     return backends.all[0]
 

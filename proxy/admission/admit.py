@@ -11,13 +11,14 @@ works on it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 import structlog
 from aiohttp import web
 
 from proxy.admission.keys import ANONYMOUS, Principal
-from proxy.errors import RateLimitedError, ShuttingDownError
+from proxy.errors import InvalidRequestError, RateLimitedError, ShuttingDownError
 from proxy.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -65,6 +66,22 @@ def session_of(request: web.Request, principal: Principal) -> str | None:
     return principal.name if principal.name != ANONYMOUS else None
 
 
+BACKEND_HEADER = "X-Backend"  # a request for one backend in particular (warmup, management)
+
+
+def named_backend(request: web.Request, names: Iterable[str]) -> str | None:
+    """The backend an ``X-Backend`` header names, if any; 400 for a name that is none."""
+    name = request.headers.get(BACKEND_HEADER)
+    if name is None:
+        return None
+    known = list(names)
+    if name not in known:
+        raise InvalidRequestError(
+            f"no backend named '{name}' ({BACKEND_HEADER}: one of {', '.join(known)})"
+        )
+    return name
+
+
 class Affinity:
     """Which backend served a session's previous turn, for the last ``size`` sessions: a
     backend with the conversation in its prompt cache answers the next turn faster."""
@@ -96,6 +113,7 @@ class Gated:
         "_gateway",
         "_model",
         "_native",
+        "_only",
         "_principal",
         "_session",
         "_started",
@@ -114,6 +132,7 @@ class Gated:
         model: str | None,
         native: bool,
         session: str | None = None,
+        only: str | None = None,
     ) -> None:
         self._gateway = gateway
         self._exchange = exchange
@@ -123,6 +142,7 @@ class Gated:
         self._native = native
         self._session = session
         self._tried: frozenset[str] = frozenset()
+        self._only = only  # X-Backend: this backend and no other
         self._started = 0.0
         self.backend: Backend | None = None
 
@@ -184,7 +204,8 @@ class Gated:
         return waited_s
 
     def _eligible(self, exclude: frozenset[str]) -> list[Backend]:
-        return self._gateway.backends.eligible(self._model, native=self._native, exclude=exclude)
+        found = self._gateway.backends.eligible(self._model, native=self._native, exclude=exclude)
+        return found if self._only is None else [b for b in found if b.name == self._only]
 
     def _refund(self) -> None:
         principal = self._principal

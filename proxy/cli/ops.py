@@ -35,7 +35,7 @@ ADMIN_HINT = (
     "set PROXY_ADMIN_KEY (or pass --admin-key) to the gateway's auth.admin_key"
 )
 API_KEY_HINT = "hint: this gateway requires a client key: set PROXY_API_KEY (or pass --api-key)"
-BACKEND_HEADER = "X-Backend"  # the gateway's name for it: proxy.routes.BACKEND_HEADER
+BACKEND_HEADER = "X-Backend"  # the gateway's name for it: proxy.admission.admit
 
 
 def _timeout() -> aiohttp.ClientTimeout:

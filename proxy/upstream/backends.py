@@ -100,14 +100,19 @@ class Backends:
             if b.up and b.holds(model) and b.speaks(native=native) and b.name not in exclude
         ]
 
-    def check_route(self, model: str | None, *, native: bool, retry_after_s: int) -> None:
+    def check_route(
+        self, model: str | None, *, native: bool, retry_after_s: int, only: str | None = None
+    ) -> None:
         """Refuse before any queueing a request no backend can serve: 404 when none holds
-        its model, 503 with ``Retry-After`` when only unhealthy ones do."""
-        if not self.several or self.eligible(model, native=native):
+        its model, 503 with ``Retry-After`` when only unhealthy ones do. ``only``: the one
+        backend the request names (``X-Backend``)."""
+        candidates = [b for b in self.all if only is None or b.name == only]
+        if not self.several or any(b in candidates for b in self.eligible(model, native=native)):
             return
-        holders = [b for b in self.all if b.holds(model) and b.speaks(native=native)]
+        holders = [b for b in candidates if b.holds(model) and b.speaks(native=native)]
         if not holders:
-            raise ModelNotFoundError(f"model '{model}' not found on any backend")
+            where = f"backend '{only}'" if only else "any backend"
+            raise ModelNotFoundError(f"model '{model}' not found on {where}")
         down = ", ".join(b.name for b in holders)
         raise NoBackendError(
             f"model '{model}' is held only by backends that do not answer now ({down}); "

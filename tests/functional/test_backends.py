@@ -242,3 +242,22 @@ async def test_a_session_returns_to_the_backend_of_its_previous_turn(
             assert response.status == 200
     assert generations(boxes.cpu) == 3
     assert generations(boxes.gpu) == 0
+
+
+async def test_x_backend_pins_an_inference_request_to_one_backend(
+    gw: RunningGateway, boxes: Boxes, http: aiohttp.ClientSession
+) -> None:
+    """warmup --backend cpu loads the model there: X-Backend keeps a generation on the named
+    backend even when a preferred tier is free; a name that is none is a 400, and a model
+    the named backend lacks a 404 naming it."""
+    pinned = {"X-Backend": "cpu"}
+    body = chat(SHARED, stream=False)
+    async with http.post(gw.url + "/api/chat", json=body, headers=pinned) as response:
+        assert response.status == 200
+    assert (generations(boxes.cpu), generations(boxes.gpu)) == (1, 0)
+    async with http.post(gw.url + "/api/chat", json=body, headers={"X-Backend": "x"}) as r:
+        assert r.status == 400
+    lacking = chat(GPU_ONLY, stream=False)
+    async with http.post(gw.url + "/api/chat", json=lacking, headers=pinned) as response:
+        assert response.status == 404
+        assert "not found on backend 'cpu'" in (await response.json())["error"]
