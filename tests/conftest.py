@@ -253,6 +253,27 @@ class RedisServer:
         """Start it (again) on the same socket; returns once it answers."""
         self.process = _redis_process(self.socket_path)
 
+    def command(self, *words: str) -> str:
+        """One command, its raw answer (RESP), read until the server stops sending."""
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(2)
+            client.connect(str(self.socket_path))
+            parts = [f"${len(w)}\r\n{w}\r\n" for w in words]
+            client.sendall(f"*{len(words)}\r\n{''.join(parts)}".encode())
+            answer = b""
+            while not answer.endswith(b"\r\n") or answer.count(b"\r\n") < 2:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer.decode()
+
+    def scripts_run(self) -> int:
+        """How many scripts the server ran (EVALSHA and EVAL), from its command stats."""
+        stats = self.command("INFO", "commandstats")
+        calls = re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", stats)
+        return sum(int(n) for n in calls)
+
 
 def _redis_process(socket_path: Path) -> subprocess.Popen[bytes]:
     """Start redis-server and return once it says it accepts connections."""

@@ -31,7 +31,7 @@ class Limiter:
         # A test's clock, passed to the scripts; None: Redis's own time.
         self._clock = clock
         self._fallback: RateLimiter | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._settling: dict[str, asyncio.Task[None]] = {}  # a client's settlement in flight
         if shared is not None:
             self._admit = shared.redis.register_script(ADMIT)
             self._reserve = shared.redis.register_script(RESERVE)
@@ -78,6 +78,9 @@ class Limiter:
         if shared is None:
             return self.local.reserve_tokens(client, limit, cost)
         capacity = limit.tokens_per_minute
+        settling = self._settling.get(client)
+        if settling is not None:  # this replica's last settlement for the client lands first
+            await asyncio.wait({settling}, timeout=shared.config.timeout_s)
         try:
             wait, tokens, full_s = await shared.call(
                 self._reserve(
@@ -101,8 +104,8 @@ class Limiter:
         keys = [f"{KEY_PREFIX}tokens:{client}"]
         call = self._settle(keys=keys, args=[capacity / 60.0, capacity, delta, self._now()])
         task = asyncio.ensure_future(self._quietly(shared.call(call)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._settling[client] = task
+        task.add_done_callback(lambda done: self._forget(client, done))
 
     # internals
     def _alone(self) -> RateLimiter:
@@ -130,6 +133,10 @@ class Limiter:
             burst=max(1, math.ceil(limit.burst / replicas)),
             tokens_per_minute=limit.tokens_per_minute / replicas,
         )
+
+    def _forget(self, client: str, task: asyncio.Task[None]) -> None:
+        if self._settling.get(client) is task:
+            del self._settling[client]
 
     def _now(self) -> str:
         return "" if self._clock is None else repr(self._clock())

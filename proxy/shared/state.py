@@ -51,7 +51,6 @@ class SharedState:
         self.listener: aioredis.Redis = aioredis.Redis.from_url(
             config.redis_url,
             socket_connect_timeout=config.timeout_s,
-            socket_keepalive=True,
             health_check_interval=30,
             decode_responses=True,
         )

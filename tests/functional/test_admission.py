@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,6 +19,18 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
 QUICK = {**CHAT, "stream": False}
 
 
+@pytest.fixture(params=["in-process", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """The buckets' store: this process, or a real Redis shared by replicas. The same
+    behavioural tests run against both; with Redis, the test must have decided there."""
+    if request.param == "in-process":
+        yield {}
+        return
+    server = request.getfixturevalue("redis_server")
+    yield {"shared": {"redis_url": server.url}}
+    assert server.scripts_run() > 0, "no decision was made in Redis"
+
+
 async def _statuses(http: aiohttp.ClientSession, url: str, n: int, **kwargs: object) -> list[int]:
     statuses = []
     for _ in range(n):
@@ -27,12 +41,15 @@ async def _statuses(http: aiohttp.ClientSession, url: str, n: int, **kwargs: obj
 
 
 async def test_burst_admits_exactly_the_bucket_then_429_with_retry_after(
-    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    store: dict[str, Any],
 ) -> None:
     """At 6/min with burst 3, a burst of 5 gets 3 answers and 2 429s with Retry-After 10."""
     clock = FakeClock()
     gw = await gateway_factory(
-        clock=clock, limits={"client_requests_per_minute": 6, "client_burst": 3}
+        **store, clock=clock, limits={"client_requests_per_minute": 6, "client_burst": 3}
     )
     url = gw.url + "/api/chat"
     assert await _statuses(http, url, 5, json=QUICK) == [200, 200, 200, 429, 429]
@@ -50,11 +67,12 @@ async def test_burst_admits_exactly_the_bucket_then_429_with_retry_after(
 
 
 async def test_global_bucket_limits_all_clients_together(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, store: dict[str, Any]
 ) -> None:
     """The global MAX_REQUESTS_PER_MINUTE bucket binds even when each client is under its own."""
     clock = FakeClock()
     gw = await gateway_factory(
+        **store,
         clock=clock,
         limits={"requests_per_minute": 60, "burst": 2},
         auth={
@@ -74,10 +92,12 @@ async def test_global_bucket_limits_all_clients_together(
 
 
 async def test_streaming_responses_carry_the_limit_state(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, store: dict[str, Any]
 ) -> None:
     """Admitted streams get X-RateLimit-Limit/Remaining/Reset before the first chunk."""
-    gw = await gateway_factory(limits={"client_requests_per_minute": 30, "client_burst": 5})
+    gw = await gateway_factory(
+        **store, limits={"client_requests_per_minute": 30, "client_burst": 5}
+    )
     async with http.post(gw.url + "/api/chat", json=CHAT) as response:
         assert response.headers["X-RateLimit-Limit"] == "30"
         assert response.headers["X-RateLimit-Remaining"] == "4"
@@ -86,14 +106,14 @@ async def test_streaming_responses_carry_the_limit_state(
 
 
 async def test_per_key_limits_override_the_default(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, store: dict[str, Any]
 ) -> None:
     """A key with its own requests_per_minute and burst is limited by those."""
     keys = [
         {"name": "tight", "key": "key-tight-1", "requests_per_minute": 1, "burst": 1},
         {"name": "loose", "key": "key-loose-1"},
     ]
-    gw = await gateway_factory(clock=FakeClock(), auth={"api_keys": keys})
+    gw = await gateway_factory(**store, clock=FakeClock(), auth={"api_keys": keys})
     url = gw.url + "/api/chat"
     tight = {"X-API-Key": "key-tight-1"}
     loose = {"X-API-Key": "key-loose-1"}
@@ -140,11 +160,14 @@ async def test_metadata_and_health_routes_are_not_rate_limited(
 
 
 async def test_token_bucket_reserves_then_settles_real_counts(
-    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    store: dict[str, Any],
 ) -> None:
     """With a tokens-per-minute bucket, real usage is charged; an overdrawn client gets 429."""
     clock = FakeClock()
-    gw = await gateway_factory(clock=clock, limits={"client_tokens_per_minute": 100})
+    gw = await gateway_factory(**store, clock=clock, limits={"client_tokens_per_minute": 100})
     fake.config.tokens = 60
     body = {**QUICK, "options": {"num_predict": 60}}
     async with http.post(gw.url + "/api/chat", json=body) as response:
@@ -162,10 +185,15 @@ async def test_token_bucket_reserves_then_settles_real_counts(
 
 
 async def test_aborted_stream_keeps_its_token_reservation(
-    gateway_factory: GatewayFactory, fake: FakeOllama, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    store: dict[str, Any],
 ) -> None:
     """A stream aborted before its statistics is not refunded: aborting cannot evade the limit."""
-    gw = await gateway_factory(clock=FakeClock(), limits={"client_tokens_per_minute": 1000})
+    gw = await gateway_factory(
+        **store, clock=FakeClock(), limits={"client_tokens_per_minute": 1000}
+    )
     fake.config.tokens = 1000
     fake.config.token_interval_s = 0.01
     response = await http.post(gw.url + "/api/chat", json=CHAT)  # reserves about 530
@@ -430,10 +458,11 @@ async def test_a_non_ascii_credential_is_a_401_in_the_dialect(
 
 
 async def test_raising_the_global_limit_raises_it_for_one_client_too(
-    gateway_factory: GatewayFactory, http: aiohttp.ClientSession
+    gateway_factory: GatewayFactory, http: aiohttp.ClientSession, store: dict[str, Any]
 ) -> None:
     """Only MAX_REQUESTS_PER_MINUTE and its burst set: one client may use all of them."""
     gw = await gateway_factory(
+        **store,
         clock=FakeClock(),
         limits={
             "requests_per_minute": 600,
