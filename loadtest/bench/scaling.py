@@ -8,10 +8,12 @@ for every slot that frees: the slots, not the proxy, bound the throughput. For e
 gateways are measured: one whose ``BACKENDS`` lists N one-slot fakes, and one in the
 single-upstream form (``OLLAMA_URL``, ``OLLAMA_NUM_PARALLEL=N``) in front of one fake of N
 slots. The second carries the same load (requests per second, streams at once) without
-routing: its CPU per request is what the first's is compared with, and its N=1 throughput
-is the one-backend figure. All gateways run at once, idle but for the one measured, and take
-turns in rotating rounds, so a ratio compares runs made within the same minute. Each fake
-is its own process, so a gateway's CPU clock counts its own work alone.
+routing: its CPU per request is what the first's is compared with (the difference also holds
+what N upstream processes change against one: their chunks reach the gateway at independent
+times), and its N=1 throughput is the one-backend figure. All gateways run at once, idle
+but for the one measured, and take turns in rotating rounds, so a ratio compares runs made
+within the same minute. Each fake is its own process, so a gateway's CPU clock counts its
+own work alone.
 """
 
 from __future__ import annotations
@@ -106,12 +108,17 @@ async def measure_scaling(s: Settings, workdir: Path, say: Callable[[str], None]
     )
     started: list[Service] = []  # to stop, whatever happens
     try:
-        # N one-slot fakes, and one of N slots for the single-upstream gateways.
-        fakes = await start_all([fake(1) for _ in range(largest)] + [fake(largest)], started)
-        urls, wide = [f.url for f in fakes[:largest]], fakes[-1].url
+        # `largest` one-slot fakes, and for each single-upstream gateway of N > 1 a fake of
+        # exactly N slots: like the N backends, no more slots than the gateway fills.
+        slots = [1] * largest + list(range(2, largest + 1))
+        fakes = await start_all([fake(n) for n in slots], started)
+        urls = [f.url for f in fakes[:largest]]
+        one_of = {1: urls[0]} | {
+            n: f.url for n, f in zip(slots[largest:], fakes[largest:], strict=True)
+        }
         names = [f"{kind}{n}" for n in range(1, largest + 1) for kind in (ONE, SEVERAL)]
         starts = [
-            start_gateway(wide, parallel=n, workdir=workdir, name=f"gateway-one-{n}")
+            start_gateway(one_of[n], parallel=n, workdir=workdir, name=f"gateway-one-{n}")
             if kind == ONE
             else start_gateway(
                 urls[0], parallel=1, workdir=workdir, backends=urls[:n], name=f"gateway-{n}"
