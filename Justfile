@@ -67,7 +67,7 @@ fake *args: venv
 stress *args: venv
     PROXY_API_KEY="${PROXY_API_KEY:-$(deploy/client-key.sh)}" {{py}} -m loadtest {{args}}
 
-# Measure what the gateway adds, against the fake Ollama direct and nginx (if installed).
+# Measure what the gateway adds (vs the fake Ollama direct, nginx), and how it scales over N backends.
 bench *args: venv
     {{py}} -m loadtest.bench {{args}}
 

@@ -2,6 +2,7 @@
 costs, as ratios against baselines measured in the same run on the same machine.
 
 - ``measure``: runs the workloads in rounds against each target;
+- ``scaling``: N one-slot backends behind one gateway, against one upstream of N slots;
 - ``services``: the fake Ollama, the gateway and nginx as subprocesses;
 - ``loadgen``: the aiohttp load generator, run in its own process;
 - ``wrk``: small requests through wrk when it is installed;

@@ -1,6 +1,7 @@
 """``python -m loadtest.bench``: what the gateway adds, measured against the fake Ollama
-direct and through nginx (when installed), in the same run. Prints a table; ``--json``
-writes every number. A benchmark, not a test: it exits 0 whatever the numbers are.
+direct and through nginx (when installed), in the same run; then how its throughput scales
+with N backends of one slot each. Prints a table; ``--json`` writes every number. A
+benchmark, not a test: it exits 0 whatever the numbers are.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TextIO
 
 from loadtest.bench import results
-from loadtest.bench.measure import Settings, run_bench
+from loadtest.bench.measure import Settings, machine, run_bench
+from loadtest.bench.scaling import measure_scaling
+
+SECTIONS = ("overhead", "scaling")
 
 SMOKE = Settings(
     chunks=10,
@@ -28,6 +33,8 @@ SMOKE = Settings(
     streams=20,
     hold_interval_s=0.2,
     startup_runs=1,
+    scaling_backends=2,
+    scaling_generations=3,
 )
 
 
@@ -48,6 +55,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=d.streams,
                    help="open streams for the memory reading")  # fmt: skip
     p.add_argument("--startup-runs", type=int, default=d.startup_runs)
+    p.add_argument("--scaling-backends", type=int, default=d.scaling_backends,
+                   help="the scaling run: N = 1 to this many one-slot backends")  # fmt: skip
+    p.add_argument("--scaling-generations", type=int, default=d.scaling_generations,
+                   help="generations per backend per scaling run")  # fmt: skip
+    p.add_argument("--only", choices=SECTIONS,
+                   help="run one section: overhead (against direct, nginx, naive) or "
+                   "scaling (N backends); default: both")  # fmt: skip
     p.add_argument("--no-nginx", action="store_true", help="skip the nginx baseline")
     p.add_argument("--no-wrk", action="store_true", help="small requests with aiohttp, not wrk")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, in seconds")
@@ -68,6 +82,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
             rounds=args.rounds,
             streams=args.streams,
             startup_runs=args.startup_runs,
+            scaling_backends=args.scaling_backends,
+            scaling_generations=args.scaling_generations,
         )
     )
     return dataclasses.replace(base, use_nginx=not args.no_nginx, use_wrk=not args.no_wrk)
@@ -80,11 +96,29 @@ def raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+async def run(s: Settings, sections: Sequence[str], workdir: Path, log: TextIO) -> dict[str, Any]:
+    """The sections asked for, one after the other, and the targets they measure."""
+
+    def say(message: str) -> None:
+        log.write(message + "\n")
+        log.flush()
+
+    result: dict[str, Any] = {"machine": machine(), "sections": list(sections)}
+    result["settings"] = dataclasses.asdict(s)
+    if "overhead" in sections:
+        result |= await run_bench(s, workdir, say)
+    if "scaling" in sections:
+        result["scaling"] = await measure_scaling(s, workdir, say)
+    result["targets"] = results.evaluate_targets(result)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     raise_open_files_limit()
+    sections = [args.only] if args.only else list(SECTIONS)
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as workdir:
-        result = asyncio.run(run_bench(settings_from(args), Path(workdir), sys.stderr))
+        result = asyncio.run(run(settings_from(args), sections, Path(workdir), sys.stderr))
     print(results.render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

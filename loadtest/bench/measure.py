@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import aiohttp
 
@@ -54,6 +54,8 @@ class Settings:
     startup_runs: int = 3
     use_nginx: bool = True
     use_wrk: bool = True
+    scaling_backends: int = 4  # the scaling run: N = 1 to this many backends
+    scaling_generations: int = 8  # per slot per run
 
 
 async def loadgen(*args: str, timeout_s: float = 600) -> dict[str, Any]:
@@ -270,11 +272,9 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
 
 
-async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
-    def say(message: str) -> None:
-        log.write(message + "\n")
-        log.flush()
-
+async def run_bench(s: Settings, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """What the gateway costs: streaming, small requests, memory and start-up, against the
+    fake direct, nginx and the naive relay."""
     nginx_bin = find_nginx() if s.use_nginx else None
     wrk_bin = find_wrk() if s.use_wrk else None
     say(f"nginx: {nginx_bin or 'not found'}; wrk: {wrk_bin or 'not found (aiohttp instead)'}")
@@ -306,8 +306,7 @@ async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
         await stop(gateway)
         await stop(fake)
     memory = await measure_memory(s, workdir, say) | {"after_load_mb": after_load / results.MB}
-    result: dict[str, Any] = {
-        "machine": machine(),
+    return {
         "baselines": [name for name in targets if name != "gateway"],
         "tools": {"nginx": nginx_bin, "wrk": wrk_bin},
         "settings": asdict(s) | {"small_tool": "wrk -t1" if wrk_bin else "aiohttp load generator"},
@@ -317,5 +316,3 @@ async def run_bench(s: Settings, workdir: Path, log: TextIO) -> dict[str, Any]:
         "memory": memory,
         "startup": {"runs_s": startup, "median_s": results.median(startup)},
     }
-    result["targets"] = results.evaluate_targets(result)
-    return result

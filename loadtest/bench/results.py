@@ -25,7 +25,10 @@ TARGETS = (
     ("idle RSS < 60 MB", "MB"),
     ("RSS with 500 open streams < 150 MB", "MB"),
     ("ready < 1 s", "s"),
+    ("N backends >= 0.95 x N x one backend", "x N x 1"),
 )
+# The scaling run's gateways, by prefix and N: one upstream of N slots, or N backends.
+ONE_UPSTREAM, BACKENDS = "one:", "backends:"
 
 
 def median(values: Sequence[float | None]) -> float | None:
@@ -111,8 +114,71 @@ def summarise(
     return out
 
 
+def summarise_scaling(
+    runs: dict[str, list[dict[str, Any]]], served: dict[str, dict[str, int]], **info: float
+) -> dict[str, Any]:
+    """The scaling run, per N: medians for one upstream of N slots (``"one:N"``) and N
+    backends (``"backends:N"``); then, paired within a round, N backends' generations/s over
+    N times one upstream of one slot's (median and range), and the CPU per request they add
+    to one upstream of N slots' (the same load, no routing)."""
+
+    def entry(name: str) -> dict[str, Any]:
+        rounds = runs[name]
+        return {
+            "generations_per_s": median([r["generations_per_s"] for r in rounds]),
+            "cpu_us_per_request": median([r["cpu_us_per_request"] for r in rounds]),
+            "errors": sum(r["errors"] for r in rounds),
+            "served": served.get(name, {}),
+            "rounds": rounds,
+        }
+
+    ns = sorted(int(name.removeprefix(BACKENDS)) for name in runs if name.startswith(BACKENDS))
+    one_slot = runs[f"{ONE_UPSTREAM}1"]
+    backends: dict[str, Any] = {}
+    for n in ns:
+        several, one = runs[f"{BACKENDS}{n}"], runs[f"{ONE_UPSTREAM}{n}"]
+        ratios = [
+            r["generations_per_s"] / (n * b["generations_per_s"])
+            for r, b in zip(several, one_slot, strict=False)
+            if b["generations_per_s"] > 0
+        ]
+        added = [
+            r["cpu_us_per_request"] - b["cpu_us_per_request"]
+            for r, b in zip(several, one, strict=False)
+        ]
+        backends[str(n)] = entry(f"{BACKENDS}{n}") | {
+            "ratio": median(ratios),
+            "ratio_range": [min(ratios), max(ratios)] if ratios else None,
+            "cpu_added_us": median(added),
+            "cpu_added_range_us": [min(added), max(added)] if added else None,
+        }
+    ratios = [b["ratio"] for b in backends.values()]
+    return dict(info) | {
+        "one_upstream": {str(n): entry(f"{ONE_UPSTREAM}{n}") for n in ns},
+        "backends": backends,
+        "worst_ratio": None if None in ratios else min(ratios, default=None),
+    }
+
+
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of the issue with the measured value and PASS/MISS (None: not measured)."""
+    """The targets of the sections that ran, each with the measured value and PASS/MISS
+    (None: not measured)."""
+    overhead = _overhead_targets(result) if "streaming" in result else []
+    if "scaling" not in result:
+        return overhead
+    (name, unit) = TARGETS[-1]
+    worst = result["scaling"]["worst_ratio"]
+    scaling = {
+        "target": name,
+        "unit": unit,
+        "measured": worst,
+        "passed": None if worst is None else worst >= 0.95,
+        "note": "the worst N's median over rounds",
+    }
+    return [*overhead, scaling]
+
+
+def _overhead_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     streaming, small, memory = result["streaming"], result["small"], result["memory"]
     small_ratios = [s["ratios"]["gateway_vs_nginx"] for s in small.values()]
     small_vs_naive = [s["ratios"]["gateway_vs_naive"] for s in small.values()]
@@ -126,7 +192,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         (memory["streams_mb"] if memory["streams"] >= 500 else None, lambda v: v < 150),
         (result["startup"]["median_s"], lambda v: v < 1.0),
     ]
-    notes = [""] * len(TARGETS)
+    notes = [""] * len(measured)
     if memory["queued"]:
         notes[6] = (
             f"{memory['streaming']} streaming + {memory['queued']} queued: the gate allows "
@@ -140,7 +206,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "passed": None if value is None else check(value),
             "note": note,
         }
-        for (name, unit), (value, check), note in zip(TARGETS, measured, notes, strict=True)
+        for (name, unit), (value, check), note in zip(TARGETS[:-1], measured, notes, strict=True)
     ]
 
 
@@ -178,10 +244,65 @@ def render(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     lines = [
         f"Gateway benchmark on {m['nproc']} CPU(s), {m['cpu']}; Python {m['python']}",
+        f"medians of {s['rounds']} round(s); ratios and added latencies paired within a round",
+    ]
+    if "streaming" in result:
+        lines += _overhead_lines(result)
+    if "scaling" in result:
+        lines += _scaling_lines(result["scaling"])
+    lines += ["", "targets (issues 6 and 15; a benchmark, not a test: CI does not fail on these)"]
+    for t in result["targets"]:
+        verdict = {True: "PASS", False: "MISS", None: "n/a"}[t["passed"]]
+        note = f"  ({t['note']})" if t["note"] else ""
+        measured = _fmt(t["measured"], 3)
+        lines.append(f"  {t['target']:<38}{measured:>10} {t['unit']:<8} {verdict}{note}")
+    return "\n".join(lines)
+
+
+def _scaling_lines(sc: dict[str, Any]) -> list[str]:
+    ns = list(sc["backends"])
+    several = [sc["backends"][n] for n in ns]
+    one = [sc["one_upstream"][n] for n in ns]
+
+    def row(label: str, values: Sequence[float | str | None], digits: int = 0) -> str:
+        cells = [v if isinstance(v, str) else _fmt(v, digits) for v in values]
+        return f"  {label:<34}" + "".join(f"{c:>12}" for c in cells)
+
+    spreads = [b["ratio_range"] or [None, None] for b in several]
+    largest = several[-1]["served"] if several else {}
+    added = [b["cpu_added_us"] for b in several]
+    return [
+        "",
+        "scaling: N fake Ollamas of 1 slot each behind one gateway (BACKENDS), beside one "
+        "upstream of N slots",
+        f"(OLLAMA_URL: the same load, no routing); {sc['generation_ms']:.0f} ms per generation, "
+        f"{sc['clients_per_slot']:.0f} clients per slot, {sc['generations_per_slot']:.0f} "
+        "generations per slot per run",
+        row("", [f"N={n}" for n in ns]),
+        row("generations/s: N backends", [b["generations_per_s"] for b in several], 1),
+        row("  one upstream of N slots", [b["generations_per_s"] for b in one], 1),
+        row("N backends / (N x one of 1 slot)", [b["ratio"] for b in several], 3),
+        row("  lowest round", [lo for lo, _ in spreads], 3),
+        row("  highest round", [hi for _, hi in spreads], 3),
+        row("CPU us per request: N backends", [b["cpu_us_per_request"] for b in several]),
+        row("  one upstream of N slots", [b["cpu_us_per_request"] for b in one]),
+        row("  added by routing", ["-" if v is None else f"{v:+,.0f}" for v in added]),
+        row("    rounds", [_span(b["cpu_added_range_us"]) for b in several]),
+        f"  requests per backend at N={ns[-1] if ns else '-'} (warm-up included): "
+        + (", ".join(f"{b} {count}" for b, count in sorted(largest.items())) or "-"),
+    ]
+
+
+def _span(values: list[float] | None) -> str:
+    return "-" if values is None else f"{values[0]:+.0f}..{values[1]:+.0f}"
+
+
+def _overhead_lines(result: dict[str, Any]) -> list[str]:
+    s = result["settings"]
+    lines = [
         f"baselines: {', '.join(result['baselines'])} (naive: an aiohttp relay that reads and "
         "writes, nothing else)"
         + ("" if "nginx" in result["baselines"] else " (no nginx: install it for the C baseline)"),
-        f"medians of {s['rounds']} round(s); ratios and added latencies paired within a round",
         "CPU us: what the proxy's processes used per stream or request (direct: the fake "
         "Ollama's own)",
         "",
@@ -246,12 +367,5 @@ def render(result: dict[str, Any]) -> str:
         "streams wait that long while it renders)",
         f"start-up to a ready /health: median {_fmt(up['median_s'], 3)} s over "
         f"{len(up['runs_s'])} start(s)",
-        "",
-        "targets (issue 6; a benchmark, not a test: CI does not fail on these)",
     ]
-    for t in result["targets"]:
-        verdict = {True: "PASS", False: "MISS", None: "n/a"}[t["passed"]]
-        note = f"  ({t['note']})" if t["note"] else ""
-        measured = _fmt(t["measured"], 3)
-        lines.append(f"  {t['target']:<38}{measured:>10} {t['unit']:<8} {verdict}{note}")
-    return "\n".join(lines)
+    return lines

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,21 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _own_cpu_seconds(pid: int) -> float | None:
+    """The process's CPU clock (``clock_getcpuclockid``): nanoseconds, where ``/proc``
+    counts 10 ms ticks, too coarse for a run of a few dozen requests; None if unreadable."""
+    clock = ctypes.c_int()
+    if _libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
+        return None
+    try:
+        return time.clock_gettime(clock.value)
+    except OSError:
+        return None  # it has just exited
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process and its living descendants have used (Linux's
     ``/proc``): nginx's work is done in its worker, a child of the process started here."""
@@ -52,7 +69,9 @@ def cpu_seconds(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except FileNotFoundError:
         return 0.0  # a descendant that has just exited
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = _own_cpu_seconds(pid)
+    if own is None:
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     children = Path(f"/proc/{pid}/task/{pid}/children")
     kids = children.read_text().split() if children.exists() else []
     return own + sum(cpu_seconds(int(kid)) for kid in kids)
@@ -105,12 +124,14 @@ async def wait_ready(service: Service, path: str, *, log: Path | None = None) ->
     raise RuntimeError(f"{service.name} was not ready within {_READY_TIMEOUT_S:g} s")
 
 
-async def start_fake(*, tokens: int, token_interval_s: float, num_parallel: int) -> Service:
+async def start_fake(
+    *, tokens: int, token_interval_s: float, num_parallel: int, ttft_s: float = 0.0
+) -> Service:
     """``python -m loadtest.fake_ollama`` on an ephemeral port (it prints its URL)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loadtest.fake_ollama", "--port", "0",
         "--tokens", str(tokens), "--token-interval", str(token_interval_s),
-        "--num-parallel", str(num_parallel), "--models", MODEL,
+        "--ttft", str(ttft_s), "--num-parallel", str(num_parallel), "--models", MODEL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     service = Service("fake-ollama", proc, "")
@@ -127,11 +148,18 @@ async def start_fake(*, tokens: int, token_interval_s: float, num_parallel: int)
     return service
 
 
-def gateway_env(upstream_url: str, port: int, parallel: int, config_path: Path) -> dict[str, str]:
+def gateway_env(
+    upstream_url: str, port: int, parallel: int, config_path: Path, backends: str = ""
+) -> dict[str, str]:
     """Every feature on (admission, metrics, usage parsing, the JSON log line of each
-    request, written to a file), limits too high to refuse."""
+    request, written to a file), limits too high to refuse. ``backends``: the gateway's
+    ``BACKENDS`` list; empty, the one upstream ``upstream_url`` (a ``BACKENDS`` in the
+    bench's own environment is not passed on: it would replace that upstream)."""
+    env = {k: v for k, v in os.environ.items() if k != "BACKENDS"}
+    if backends:
+        env["BACKENDS"] = backends
     return {
-        **os.environ,
+        **env,
         "PROXY_CONFIG": str(config_path),  # an empty file: no ./config.yaml sneaks in
         "OLLAMA_URL": upstream_url,
         "OLLAMA_MODEL": MODEL,
@@ -184,17 +212,25 @@ async def _start_on_free_port(
 
 
 async def start_gateway(
-    upstream_url: str, *, parallel: int, workdir: Path
+    upstream_url: str,
+    *,
+    parallel: int,
+    workdir: Path,
+    backends: Sequence[str] = (),
+    name: str = "gateway",
 ) -> tuple[Service, float]:
-    """``python -m proxy serve``; returns it and its start-up time to a ready ``/health``."""
+    """``python -m proxy serve``; returns it and its start-up time to a ready ``/health``.
+    With ``backends`` (URLs), the gateway has those upstreams, ``parallel`` slots each,
+    named ``b1``, ``b2``, ...; without, the one ``upstream_url``. Its log is ``name.log``."""
     config_path = workdir / "empty-config.yaml"
     config_path.touch()
+    listed = ",".join(f"b{i}={url};slots={parallel}" for i, url in enumerate(backends, 1))
     return await _start_on_free_port(
-        "gateway",
+        name,
         lambda port: [sys.executable, "-m", "proxy", "serve"],
         ready_path="/health",
-        log=workdir / "gateway.log",
-        env=lambda port: gateway_env(upstream_url, port, parallel, config_path),
+        log=workdir / f"{name}.log",
+        env=lambda port: gateway_env(upstream_url, port, parallel, config_path, listed),
     )
 
 

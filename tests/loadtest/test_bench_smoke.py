@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -234,7 +235,34 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
     assert doc["startup"]["median_s"] > 0
     assert [t["target"] for t in doc["targets"]] == [name for name, _ in results.TARGETS]
     assert all(set(t) == {"target", "unit", "measured", "passed", "note"} for t in doc["targets"])
+    assert_scaling_shape(doc["scaling"], largest=doc["settings"]["scaling_backends"])
+
+
+def assert_scaling_shape(scaling: dict[str, Any], *, largest: int) -> None:
+    """What a tiny scaling run always gives: every N, numbers present and not negative, no
+    request failed, and requests only on the backends each gateway has. Never a speed."""
+    ns = [str(n) for n in range(1, largest + 1)]
+    assert list(scaling["backends"]) == ns
+    assert list(scaling["one_upstream"]) == ns
+    assert {"generation_ms", "clients_per_slot", "generations_per_slot"} <= set(scaling)
+    for n in ns:
+        several, one = scaling["backends"][n], scaling["one_upstream"][n]
+        for entry in (several, one):
+            assert is_non_negative(entry["generations_per_s"])
+            assert is_cpu_time(entry["cpu_us_per_request"])
+            assert entry["errors"] == 0
+        assert set(several["served"]) <= {f"b{i}" for i in range(1, int(n) + 1)}
+        assert sum(several["served"].values()) > 0
+        assert set(one["served"]) == {"default"}
+        low, high = several["ratio_range"]
+        assert 0 <= low <= several["ratio"] <= high
+        assert isinstance(several["cpu_added_us"], int | float)
+    assert scaling["worst_ratio"] == min(scaling["backends"][n]["ratio"] for n in ns)
+
+
+def is_non_negative(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
 
 
 def is_cpu_time(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    return is_non_negative(value)
