@@ -119,13 +119,16 @@ async def relay(
         framed = streamed and upstream.content_encoding == "identity"
         await _interrupted(request, response, exchange, failure, streamed=framed)
         return response
-    _record_usage(scanner, exchange, streamed=streamed)
     if scanner.error is not None:
         # The upstream's own error frame was relayed; it is the outcome.
         exchange.fail("StreamInterrupted", scanner.error)
     elif require_end and streamed and scanner.readable and not scanner.complete:
         exchange.fail("StreamInterrupted", "the upstream ended the stream without finishing it")
-    await response.write_eof(last)
+    try:
+        await response.write_eof(last)
+    finally:
+        # After the end is out: counting a stream without usage reads its deferred events.
+        _record_usage(scanner, exchange, streamed=streamed)
     return response
 
 

@@ -196,6 +196,7 @@ class NdjsonScanner(Scanner):
 
 
 _SSE_MARKERS = (b"usage", b"error", b"[DONE]")
+_UNREAD_BYTES = 64 * 1024  # counted in one go past this: a millisecond or two, not more
 
 
 class SseScanner(Scanner):
@@ -207,6 +208,12 @@ class SseScanner(Scanner):
     (``choices: []``) is dropped and the zeroed per-chunk ``usage`` of ``/v1/completions``
     removed before they reach the client. ``count_chunks``: count events with content, for
     servers that send no usage in streams.
+
+    Only events that can carry a marker are parsed as they pass. Counting needs the others
+    too, but only if the stream ends without usage: their bytes wait (up to
+    ``_UNREAD_BYTES``) and are counted together, when ``content_chunks`` is read or the
+    wait is full. A stream's tokens then cost one search each on their way, and the
+    counting runs once the answer is out, not between the engine's tokens.
     """
 
     readable = True
@@ -220,6 +227,18 @@ class SseScanner(Scanner):
         self._too_long = False  # the event in progress outgrew MAX_SCAN_BYTES: not read
         self._tail = b""  # the last bytes of that event, where its end may have begun
         self._drop_lf = False  # a dropped event ended in a CR: an LF right after is its own
+        self._unread: list[bytes] = []  # whole events not parsed yet, to count if needed
+        self._unread_bytes = 0
+
+    @property
+    def content_chunks(self) -> int:
+        if self._unread:
+            self._count_unread()
+        return self._counted
+
+    @content_chunks.setter
+    def content_chunks(self, value: int) -> None:
+        self._counted = value
 
     def feed(self, chunk: bytes) -> bytes:
         if self._drop_lf:
@@ -231,8 +250,9 @@ class SseScanner(Scanner):
         if not self._pending:
             if chunk.endswith((b"\n\n", b"\r\n\r\n")):
                 # Whole events, the usual read: nothing to hold back.
-                if self._count or has_marker(chunk, _SSE_MARKERS) >= 0:
+                if has_marker(chunk, _SSE_MARKERS) >= 0:
                     return self._region(chunk, final=False)
+                self._defer(chunk)
                 return chunk
             data: bytes | bytearray = chunk
             search_from = 0
@@ -287,13 +307,16 @@ class SseScanner(Scanner):
     def _region(self, region: bytes, *, final: bool) -> bytes:
         """Complete events: read the ones that can matter, and return what the client gets."""
         cut = 0
-        if not self._count:
+        if not (final and self._count):  # (a stream's unfinished last event is read now)
             marker = has_marker(region, _SSE_MARKERS)
             if marker < 0:
+                self._defer(region)
                 return region
             # Events wholly before the first marker pass as they are.
             cut = max(0, last_boundary(region, 0, marker))
         out = [region[:cut]] if cut else []
+        if cut:
+            self._defer(out[0])
         for event in parse_events(region[cut:], final=final):
             raw = region[cut + event.start : cut + event.end]
             kept = self._event(raw, event.data)
@@ -312,7 +335,7 @@ class SseScanner(Scanner):
             return raw
         self._error(obj)
         if self._count and _has_content(obj):
-            self.content_chunks += 1
+            self._counted += 1
         usage = usage_from_openai(obj)
         if usage is None:
             return raw
@@ -324,6 +347,25 @@ class SseScanner(Scanner):
         # /v1/completions repeats a zeroed usage on every chunk when usage was asked for.
         del obj["usage"]
         return _with_data(raw, json_bytes(obj))
+
+    def _defer(self, events: bytes) -> None:
+        """Whole events without a marker, passing unread: kept to count, if counting."""
+        if not self._count or self.complete:
+            return  # (nothing after [DONE] counts)
+        self._unread.append(events)
+        self._unread_bytes += len(events)
+        if self._unread_bytes > _UNREAD_BYTES:
+            self._count_unread()
+
+    def _count_unread(self) -> None:
+        """Count the content events among the deferred ones, as ``_event`` would have."""
+        for events in self._unread:
+            for event in parse_events(events):
+                obj = json_object(event.data) if event.data is not None else None
+                if obj is not None and _has_content(obj):
+                    self._counted += 1
+        self._unread.clear()
+        self._unread_bytes = 0
 
 
 def _has_content(obj: dict[str, object]) -> bool:
@@ -392,10 +434,17 @@ class DecodingScanner(Scanner):
         self._learn()
         return b""
 
+    @property
+    def content_chunks(self) -> int:
+        return self._inner.content_chunks  # (read when needed: the inner may defer it)
+
+    @content_chunks.setter
+    def content_chunks(self, value: int) -> None:
+        pass  # always the inner scanner's
+
     def _learn(self) -> None:
         inner = self._inner
-        self.usage, self.error = inner.usage, inner.error
-        self.complete, self.content_chunks = inner.complete, inner.content_chunks
+        self.usage, self.error, self.complete = inner.usage, inner.error, inner.complete
 
     def _decode(self, chunk: bytes) -> None:
         decompressor = self._decompressor

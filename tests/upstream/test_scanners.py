@@ -187,6 +187,53 @@ def test_content_events_are_counted_with_and_without_spaces() -> None:
     assert scanner.content_chunks == 3
 
 
+def _token(text: str) -> bytes:
+    return _sse({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+
+
+def test_token_events_are_not_parsed_on_their_way_when_usage_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting is for streams that end without usage: until then, a token event costs a
+    byte search, not a JSON parse (the parse would compete with the engine's threads)."""
+    from proxy.upstream import scanners
+
+    parsed: list[bytes] = []
+
+    def spy(data: bytes) -> object:
+        parsed.append(data)
+        return json.loads(data)
+
+    monkeypatch.setattr(scanners, "json_object", spy)
+    scanner = SseScanner(strip_usage=True, count_chunks=True)
+    tokens = [_token(f"w{i}") for i in range(50)]
+    usage = _sse({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 50}})
+    out = _feed_all(scanner, [*tokens, usage, b"data: [DONE]\n\n"])
+    assert out == b"".join(tokens) + b"data: [DONE]\n\n"
+    assert len(parsed) == 1  # the usage event only
+    assert scanner.usage is not None
+    assert scanner.usage.completion_tokens == 50
+
+
+def test_deferred_counting_matches_counting_as_they_pass() -> None:
+    """Past the deferral's bound, in events split across reads, and after [DONE] (which
+    ends the counting), the count is what a client's parser counts."""
+    tokens = [_token("x" * (i % 7)) for i in range(4000)]  # an empty content every 7th
+    body = b"".join(tokens) + b"data: [DONE]\n\n" + _token("after the end")
+    assert len(body) > 4 * scanners_unread_bytes()  # several rounds of deferral
+    for size in (len(tokens[0]), 1000, 65536 + 3):
+        scanner = SseScanner(strip_usage=False, count_chunks=True)
+        chunks = [body[i : i + size] for i in range(0, len(body), size)]
+        assert _feed_all(scanner, chunks) == body
+        assert scanner.content_chunks == 4000 - len(range(0, 4000, 7))
+
+
+def scanners_unread_bytes() -> int:
+    from proxy.upstream import scanners
+
+    return scanners._UNREAD_BYTES
+
+
 def test_json_scanner_reads_native_and_openai_bodies() -> None:
     """Non-streamed answers give usage at EOF, in either dialect."""
     native = JsonScanner(openai=False)
