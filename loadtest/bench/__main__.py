@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from loadtest.bench import results
+from loadtest.bench import engine, results
 from loadtest.bench.measure import Settings, machine, run_bench
 from loadtest.bench.scaling import measure_scaling
 
-SECTIONS = ("overhead", "scaling")
+SECTIONS = ("overhead", "scaling", "engine")
 
 SMOKE = Settings(
     chunks=10,
@@ -35,6 +35,9 @@ SMOKE = Settings(
     startup_runs=1,
     scaling_backends=2,
     scaling_generations=3,
+    engine_rounds=1,
+    engine_streams=2,
+    engine_tokens=8,
 )
 
 
@@ -60,8 +63,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling-generations", type=int, default=d.scaling_generations,
                    help="generations per backend per scaling run")  # fmt: skip
     p.add_argument("--only", choices=SECTIONS,
-                   help="run one section: overhead (against direct, nginx, naive) or "
-                   "scaling (N backends); default: both")  # fmt: skip
+                   help="run one section: overhead (against direct, nginx, naive), scaling "
+                   "(N backends) or engine (the real engine, direct against through the "
+                   "gateway: needs just engine); default: all (engine when built)")  # fmt: skip
+    p.add_argument("--engine", action="store_const", const="engine", dest="only",
+                   help="the same as --only engine")  # fmt: skip
+    p.add_argument("--engine-rounds", type=int, default=d.engine_rounds)
+    p.add_argument("--engine-streams", type=int, default=d.engine_streams,
+                   help="streams per side per round")  # fmt: skip
+    p.add_argument("--engine-tokens", type=int, default=d.engine_tokens,
+                   help="tokens per stream")  # fmt: skip
+    p.add_argument("--engine-threads", type=int, default=d.engine_threads,
+                   help="the engine's threads (default: the CPUs, at most 4)")  # fmt: skip
     p.add_argument("--no-nginx", action="store_true", help="skip the nginx baseline")
     p.add_argument("--no-wrk", action="store_true", help="small requests with aiohttp, not wrk")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, in seconds")
@@ -84,6 +97,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
             startup_runs=args.startup_runs,
             scaling_backends=args.scaling_backends,
             scaling_generations=args.scaling_generations,
+            engine_rounds=args.engine_rounds,
+            engine_streams=args.engine_streams,
+            engine_tokens=args.engine_tokens,
+            engine_threads=args.engine_threads,
         )
     )
     return dataclasses.replace(base, use_nginx=not args.no_nginx, use_wrk=not args.no_wrk)
@@ -110,6 +127,17 @@ async def run(s: Settings, sections: Sequence[str], workdir: Path, log: TextIO) 
     if "scaling" in sections:
         result["scaling"] = await measure_scaling(s, workdir, say)
     result["targets"] = results.evaluate_targets(result)
+    if "engine" in sections:
+        result["engine"] = await engine.measure_engine(
+            rounds=s.engine_rounds,
+            streams_per_round=s.engine_streams,
+            tokens=s.engine_tokens,
+            threads=s.engine_threads,
+            workdir=workdir,
+            say=say,
+            use_nginx=s.use_nginx,
+        )
+        result["targets"].append(engine.target(result["engine"]))
     return result
 
 

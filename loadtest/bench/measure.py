@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from loadtest.bench.services import (
     stop,
 )
 from loadtest.bench.wrk import find_wrk, run_wrk
+from proxy.cli.engine import default_threads
 from proxy.config import ConfigError, parse_config
 
 MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -56,6 +57,10 @@ class Settings:
     use_wrk: bool = True
     scaling_backends: int = 4  # the scaling run: N = 1 to this many backends
     scaling_generations: int = 8  # per slot per run
+    engine_rounds: int = 3  # the real engine: rounds, streams per side per round, length
+    engine_streams: int = 6
+    engine_tokens: int = 64
+    engine_threads: int = field(default_factory=default_threads)
 
 
 async def loadgen(*args: str, timeout_s: float = 600) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from loadtest.bench import engine
 from loadtest.report import percentile
 
 MB = 1e6
@@ -250,6 +251,8 @@ def render(result: dict[str, Any]) -> str:
         lines += _overhead_lines(result)
     if "scaling" in result:
         lines += _scaling_lines(result["scaling"])
+    if "engine" in result:
+        lines += engine.lines(result["engine"])
     lines += ["", "targets (issues 6 and 15; a benchmark, not a test: CI does not fail on these)"]
     for t in result["targets"]:
         verdict = {True: "PASS", False: "MISS", None: "n/a"}[t["passed"]]

@@ -218,10 +218,12 @@ async def start_gateway(
     workdir: Path,
     backends: Sequence[str] = (),
     name: str = "gateway",
+    env: dict[str, str] | None = None,
 ) -> tuple[Service, float]:
     """``python -m proxy serve``; returns it and its start-up time to a ready ``/health``.
     With ``backends`` (URLs), the gateway has those upstreams, ``parallel`` slots each,
-    named ``b1``, ``b2``, ...; without, the one ``upstream_url``. Its log is ``name.log``."""
+    named ``b1``, ``b2``, ...; without, the one ``upstream_url``. Its log is ``name.log``;
+    ``env`` adds to (or overrides) its environment."""
     config_path = workdir / "empty-config.yaml"
     config_path.touch()
     listed = ",".join(f"b{i}={url};slots={parallel}" for i, url in enumerate(backends, 1))
@@ -230,12 +232,18 @@ async def start_gateway(
         lambda port: [sys.executable, "-m", "proxy", "serve"],
         ready_path="/health",
         log=workdir / f"{name}.log",
-        env=lambda port: gateway_env(upstream_url, port, parallel, config_path, listed),
+        env=lambda port: {
+            **gateway_env(upstream_url, port, parallel, config_path, listed),
+            **(env or {}),
+        },
     )
 
 
-async def start_naive(upstream_url: str, workdir: Path) -> Service:
-    """The naive aiohttp relay (read, write, nothing else) the gateway must beat."""
+async def start_naive(
+    upstream_url: str, workdir: Path, *, ready_path: str = "/api/version"
+) -> Service:
+    """The naive aiohttp relay (read, write, nothing else) the gateway must beat;
+    ``ready_path`` is a GET the upstream answers."""
     service, _ = await _start_on_free_port(
         "naive relay",
         lambda port: [
@@ -247,7 +255,7 @@ async def start_naive(upstream_url: str, workdir: Path) -> Service:
             "--upstream",
             upstream_url,
         ],
-        ready_path="/api/version",
+        ready_path=ready_path,
         log=workdir / "naive-relay.log",
     )
     return service
@@ -292,7 +300,9 @@ http {{
 """
 
 
-async def start_nginx(binary: str, upstream_url: str, workdir: Path) -> Service:
+async def start_nginx(
+    binary: str, upstream_url: str, workdir: Path, *, ready_path: str = "/api/version"
+) -> Service:
     conf = workdir / "nginx.conf"
     log = workdir / "nginx-error.log"
 
@@ -300,5 +310,5 @@ async def start_nginx(binary: str, upstream_url: str, workdir: Path) -> Service:
         conf.write_text(nginx_conf(port, upstream_url, workdir))
         return [binary, "-p", str(workdir), "-c", str(conf), "-e", str(log)]
 
-    service, _ = await _start_on_free_port("nginx", argv, ready_path="/api/version", log=log)
+    service, _ = await _start_on_free_port("nginx", argv, ready_path=ready_path, log=log)
     return service
