@@ -56,6 +56,10 @@ class Settings:
     use_wrk: bool = True
     scaling_backends: int = 4  # the scaling run: N = 1 to this many backends
     scaling_generations: int = 8  # per slot per run
+    shared_duration_s: float = 0.6  # the shared-state section: seconds per small-request run
+    shared_streams: int = 100  # streams per run
+    long_streams: int = 8  # streams held open for the lease renewals
+    long_window_s: float = 3.0  # seconds over which their renewals are counted
 
 
 async def loadgen(*args: str, timeout_s: float = 600) -> dict[str, Any]:
