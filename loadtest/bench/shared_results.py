@@ -313,11 +313,8 @@ def render_lines(result: Mapping[str, Any]) -> list[str]:
                 f"{_signed(added['cpu_us'], 0)} us per request (rounds "
                 f"{_span(added['cpu_range_us'])})"
             )
-    for key in ("redis", "redis_tokens"):
-        calls = shared["workloads"].get("small", {}).get(key, {}).get("calls_per_request")
-        if calls:
-            listed = ", ".join(f"{name} {n:.2f}" for name, n in sorted(calls.items()))
-            lines.append(f"  commands per small request, {key}: {listed}")
+        if workload == "small":
+            lines += _calls_lines(block)
     long = shared.get("long_streams")
     if long is not None:
         lines += [
@@ -337,6 +334,17 @@ def render_lines(result: Mapping[str, Any]) -> list[str]:
             f"  Redis was marked down {shared['down_events']} time(s) during the section: "
             "those requests ran on in-process state"
         )
+    return lines
+
+
+def _calls_lines(block: Mapping[str, Any]) -> list[str]:
+    """What Redis ran per request, command by command (the scripts' own calls included)."""
+    lines = []
+    for key in ("redis", "redis_tokens"):
+        calls = block.get(key, {}).get("calls_per_request")
+        if calls:
+            listed = ", ".join(f"{name} {n:.2f}" for name, n in sorted(calls.items()))
+            lines.append(f"  commands per request, {key}: {listed}")
     return lines
 
 
