@@ -67,7 +67,8 @@ fake *args: venv
 stress *args: venv
     PROXY_API_KEY="${PROXY_API_KEY:-$(deploy/client-key.sh)}" {{py}} -m loadtest {{args}}
 
-# Measure what the gateway adds (vs the fake Ollama direct, nginx), and how it scales over N backends.
+# Measure what the gateway adds (vs the fake Ollama direct, nginx), how it scales over N backends,
+# and what sharing its state through Redis costs (`--only overhead|scaling|shared`).
 bench *args: venv
     {{py}} -m loadtest.bench {{args}}
 

@@ -1,7 +1,9 @@
 """``python -m loadtest.bench``: what the gateway adds, measured against the fake Ollama
 direct and through nginx (when installed), in the same run; then how its throughput scales
-with N backends of one slot each. Prints a table; ``--json`` writes every number. A
-benchmark, not a test: it exits 0 whatever the numbers are.
+with N backends of one slot each; then what sharing its limits and slots through Redis
+costs, against in-process state (when redis-server is installed). Prints a table;
+``--json`` writes every number. A benchmark, not a test: it exits 0 whatever the numbers
+are.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from loadtest.bench import engine, results
+from loadtest.bench import engine, results, shared_results
 from loadtest.bench.measure import Settings, machine, run_bench
 from loadtest.bench.scaling import measure_scaling
+from loadtest.bench.shared_state import measure_shared
 
-SECTIONS = ("overhead", "scaling", "engine")
+SECTIONS = ("overhead", "scaling", "shared", "engine")
 
 SMOKE = Settings(
     chunks=10,
@@ -35,6 +38,10 @@ SMOKE = Settings(
     startup_runs=1,
     scaling_backends=2,
     scaling_generations=3,
+    shared_duration_s=0.3,
+    shared_streams=16,
+    long_streams=2,
+    long_window_s=1.0,
     engine_rounds=1,
     engine_streams=2,
     engine_tokens=8,
@@ -62,10 +69,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the scaling run: N = 1 to this many one-slot backends")  # fmt: skip
     p.add_argument("--scaling-generations", type=int, default=d.scaling_generations,
                    help="generations per backend per scaling run")  # fmt: skip
+    p.add_argument("--shared-duration", type=float, default=d.shared_duration_s,
+                   help="the shared-state section: seconds per small-request run")  # fmt: skip
+    p.add_argument("--shared-streams", type=int, default=d.shared_streams,
+                   help="the shared-state section: streams per run")  # fmt: skip
     p.add_argument("--only", choices=SECTIONS,
-                   help="run one section: overhead (against direct, nginx, naive), scaling "
-                   "(N backends) or engine (the real engine, direct against through the "
-                   "gateway: needs just engine); default: all (engine when built)")  # fmt: skip
+                   help="run one section: overhead (against direct, nginx, naive), "
+                   "scaling (N backends), shared (Redis against in-process state) or engine "
+                   "(the real engine, direct against through the gateway: needs just "
+                   "engine); default: all (engine when built)")  # fmt: skip
     p.add_argument("--engine", action="store_const", const="engine", dest="only",
                    help="the same as --only engine")  # fmt: skip
     p.add_argument("--engine-rounds", type=int, default=d.engine_rounds)
@@ -75,6 +87,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="tokens per stream")  # fmt: skip
     p.add_argument("--engine-threads", type=int, default=d.engine_threads,
                    help="the engine's threads (default: the CPUs, at most 4)")  # fmt: skip
+    p.add_argument("--no-engine", action="store_true",
+                   help="skip the real engine, even when it is built")  # fmt: skip
     p.add_argument("--no-nginx", action="store_true", help="skip the nginx baseline")
     p.add_argument("--no-wrk", action="store_true", help="small requests with aiohttp, not wrk")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs, in seconds")
@@ -97,6 +111,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
             startup_runs=args.startup_runs,
             scaling_backends=args.scaling_backends,
             scaling_generations=args.scaling_generations,
+            shared_duration_s=args.shared_duration,
+            shared_streams=args.shared_streams,
             engine_rounds=args.engine_rounds,
             engine_streams=args.engine_streams,
             engine_tokens=args.engine_tokens,
@@ -126,7 +142,9 @@ async def run(s: Settings, sections: Sequence[str], workdir: Path, log: TextIO) 
         result |= await run_bench(s, workdir, say)
     if "scaling" in sections:
         result["scaling"] = await measure_scaling(s, workdir, say)
-    result["targets"] = results.evaluate_targets(result)
+    if "shared" in sections:
+        result["shared"] = await measure_shared(s, workdir, say)
+    result["targets"] = results.evaluate_targets(result) + shared_results.evaluate_targets(result)
     if "engine" in sections:
         result["engine"] = await engine.measure_engine(
             rounds=s.engine_rounds,
@@ -145,9 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     raise_open_files_limit()
     sections = [args.only] if args.only else list(SECTIONS)
+    if args.no_engine and "engine" in sections:
+        sections.remove("engine")
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as workdir:
         result = asyncio.run(run(settings_from(args), sections, Path(workdir), sys.stderr))
-    print(results.render(result))
+    print(results.render(result, shared_results.render_lines(result)))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
         print(f"\nwritten to {args.json}")

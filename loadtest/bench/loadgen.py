@@ -7,7 +7,10 @@ prints one JSON object on stdout.
 - ``stream``: N streamed requests at concurrency C: events, wall time, TTFT of each;
 - ``small``: closed loop at concurrency C for D seconds: requests/s and latency percentiles;
 - ``hold``: open N streams, print ``{"started": N}``, keep them open until a line (or EOF)
-  on stdin, then report how many had started streaming.
+  on stdin, then report how many had started streaming;
+- ``serve``: one ``stream`` or ``small`` run per JSON line on stdin (``{"mode", "url",
+  "body", "concurrency", "requests", "duration"}``), one JSON line back each, until EOF: a
+  bench of many short runs does not pay a process start-up for each.
 """
 
 from __future__ import annotations
@@ -148,8 +151,8 @@ async def hold(url: str, body: bytes, streams: int) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench.loadgen", description=__doc__)
-    p.add_argument("mode", choices=["stream", "small", "hold"])
-    p.add_argument("--url", required=True, help="full URL, path included")
+    p.add_argument("mode", choices=["stream", "small", "hold", "serve"])
+    p.add_argument("--url", default="", help="full URL, path included")
     p.add_argument("--body", help="JSON request body (POST); none: GET")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests", type=int, default=100)
@@ -158,7 +161,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+async def serve() -> None:
+    """Runs asked for on stdin, one JSON line each, answered on stdout."""
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        ask = json.loads(line)
+        body = ask["body"].encode() if ask.get("body") is not None else None
+        if ask["mode"] == "small":
+            out = await small(ask["url"], body, ask["concurrency"], ask["duration"])
+        elif body is not None:
+            out = await stream(ask["url"], body, ask["concurrency"], ask["requests"])
+        else:
+            out = {"error": "a stream needs a body"}
+        print(json.dumps(out), flush=True)
+
+
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.mode == "serve":
+        await serve()
+        return {"served": True}
+    if not args.url:
+        raise SystemExit("--url is required")
     body = args.body.encode() if args.body is not None else None
     if args.mode == "small":
         return await small(args.url, body, args.concurrency, args.duration)

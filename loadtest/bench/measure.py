@@ -57,6 +57,10 @@ class Settings:
     use_wrk: bool = True
     scaling_backends: int = 4  # the scaling run: N = 1 to this many backends
     scaling_generations: int = 8  # per slot per run
+    shared_duration_s: float = 0.6  # the shared-state section: seconds per small-request run
+    shared_streams: int = 100  # streams per run
+    long_streams: int = 8  # streams held open for the lease renewals
+    long_window_s: float = 3.0  # seconds over which their renewals are counted
     engine_rounds: int = 3  # the real engine: rounds, streams per side per round, length
     engine_streams: int = 6
     engine_tokens: int = 64
@@ -80,6 +84,54 @@ async def loadgen(*args: str, timeout_s: float = 600) -> dict[str, Any]:
         raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
     report: dict[str, Any] = json.loads(out.decode().splitlines()[-1])
     return report
+
+
+class LoadGenerator:
+    """The load generator as one long-lived process (its ``serve`` mode), for a section of
+    many short runs: each run is a line to it and a line back. ``async with``."""
+
+    def __init__(self, log: Path) -> None:
+        self._log = log
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> LoadGenerator:
+        with self._log.open("ab") as sink:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loadtest.bench.loadgen", "serve",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=sink,
+                limit=1 << 24,  # a stream run's answer lists every TTFT
+            )  # fmt: skip
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def run(self, mode: str, url: str, body: object, **sizes: float) -> dict[str, Any]:
+        """One ``stream`` (``concurrency``, ``requests``) or ``small`` (``concurrency``,
+        ``duration``) run; its JSON report."""
+        proc = self._proc
+        assert proc is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        ask = {"mode": mode, "url": url, "body": None if body is None else json.dumps(body)}
+        proc.stdin.write(json.dumps(ask | sizes).encode() + b"\n")
+        await proc.stdin.drain()
+        async with asyncio.timeout(600):
+            line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the load generator exited; see {self._log}")
+        report: dict[str, Any] = json.loads(line)
+        return report
 
 
 async def in_rounds(

@@ -1,6 +1,6 @@
-"""The processes a benchmark measures: the fake Ollama, the gateway, nginx and the naive
-relay, started and
-stopped as subprocesses, with their readiness, start-up time and resident memory.
+"""The processes a benchmark measures: the fake Ollama, the gateway, nginx, the naive
+relay and redis-server, started and stopped as subprocesses, with their readiness,
+start-up time and resident memory.
 
 Each runs in its own process (as in production), so the load generator, the upstream and
 the proxy under test do not share an event loop or a GIL.
@@ -17,11 +17,13 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 
 MODEL = "llama3.2:latest"
 _READY_TIMEOUT_S = 20.0
@@ -148,14 +150,28 @@ async def start_fake(
     return service
 
 
+# Settings of the bench's own environment a gateway does not inherit: each would change
+# what is measured (another upstream, shared state, a token limit) behind the bench's back.
+_NOT_INHERITED = frozenset(
+    {"BACKENDS", "REDIS_URL", "SLOT_LEASE", "REDIS_TIMEOUT", "SHARED_STATE_ON_FAILURE",
+     "GATEWAY_REPLICAS", "REPLICA_ID", "CLIENT_TOKENS_PER_MINUTE"}
+)  # fmt: skip
+
+
 def gateway_env(
-    upstream_url: str, port: int, parallel: int, config_path: Path, backends: str = ""
+    upstream_url: str,
+    port: int,
+    parallel: int,
+    config_path: Path,
+    backends: str = "",
+    *,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Every feature on (admission, metrics, usage parsing, the JSON log line of each
     request, written to a file), limits too high to refuse. ``backends``: the gateway's
-    ``BACKENDS`` list; empty, the one upstream ``upstream_url`` (a ``BACKENDS`` in the
-    bench's own environment is not passed on: it would replace that upstream)."""
-    env = {k: v for k, v in os.environ.items() if k != "BACKENDS"}
+    ``BACKENDS`` list; empty, the one upstream ``upstream_url``. ``extra``: more settings
+    (``REDIS_URL``...); those of the bench's own environment are not passed on."""
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
     if backends:
         env["BACKENDS"] = backends
     return {
@@ -175,6 +191,7 @@ def gateway_env(
         "PROBE_INTERVAL": "3600",
         "LOG_LEVEL": "info",
         "LOG_FORMAT": "json",
+        **(extra or {}),
     }
 
 
@@ -218,12 +235,12 @@ async def start_gateway(
     workdir: Path,
     backends: Sequence[str] = (),
     name: str = "gateway",
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[Service, float]:
     """``python -m proxy serve``; returns it and its start-up time to a ready ``/health``.
     With ``backends`` (URLs), the gateway has those upstreams, ``parallel`` slots each,
-    named ``b1``, ``b2``, ...; without, the one ``upstream_url``. Its log is ``name.log``;
-    ``env`` adds to (or overrides) its environment."""
+    named ``b1``, ``b2``, ...; without, the one ``upstream_url``. ``env``: settings on top
+    of the bench's (``gateway_env``). Its log is ``name.log``."""
     config_path = workdir / "empty-config.yaml"
     config_path.touch()
     listed = ",".join(f"b{i}={url};slots={parallel}" for i, url in enumerate(backends, 1))
@@ -232,10 +249,7 @@ async def start_gateway(
         lambda port: [sys.executable, "-m", "proxy", "serve"],
         ready_path="/health",
         log=workdir / f"{name}.log",
-        env=lambda port: {
-            **gateway_env(upstream_url, port, parallel, config_path, listed),
-            **(env or {}),
-        },
+        env=lambda port: gateway_env(upstream_url, port, parallel, config_path, listed, extra=env),
     )
 
 
@@ -312,3 +326,55 @@ async def start_nginx(
 
     service, _ = await _start_on_free_port("nginx", argv, ready_path=ready_path, log=log)
     return service
+
+
+def find_redis_server() -> str | None:
+    return shutil.which("redis-server") or next(
+        (
+            p
+            for p in ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+            if os.access(p, os.X_OK)
+        ),
+        None,
+    )
+
+
+async def start_redis(binary: str, workdir: Path, name: str = "redis") -> Service:
+    """redis-server on a Unix socket in ``workdir`` (no port to race for), nothing saved to
+    disk, its log in ``name.log``; returns once it answers a PING. Its URL is
+    ``unix://PATH``, as the gateway's ``REDIS_URL`` takes it."""
+    socket_path = workdir / f"{name}.sock"
+    if len(str(socket_path)) > 100:  # sun_path holds 108 bytes
+        raise RuntimeError(f"the socket path {socket_path} is too long: set a shorter TMPDIR")
+    log = workdir / f"{name}.log"
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+        "--save", "", "--appendonly", "no", "--dir", str(workdir), "--logfile", str(log),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    service = Service(name, proc, f"unix://{socket_path}")
+    try:
+        await _until_redis_answers(service, socket_path, log)
+    except BaseException:
+        await stop(service)
+        raise
+    return service
+
+
+async def _until_redis_answers(service: Service, socket_path: Path, log: Path) -> None:
+    client = aioredis.Redis(unix_socket_path=str(socket_path), socket_timeout=2)
+    started = time.perf_counter()
+    try:
+        while time.perf_counter() - started < _READY_TIMEOUT_S:
+            if service.proc.returncode is not None:
+                raise RuntimeError(
+                    f"{service.name} exited with {service.proc.returncode}\n{_tail(log)}"
+                )
+            with contextlib.suppress(RedisError, OSError):
+                if await client.ping():
+                    return
+            await asyncio.sleep(_POLL_S)
+    finally:
+        await client.aclose()
+    raise RuntimeError(f"{service.name} was not ready within {_READY_TIMEOUT_S:g} s")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.bench import results
+from loadtest.bench import results, shared_results
 from loadtest.bench.services import cpu_seconds, nginx_conf
 from loadtest.bench.wrk import lua_script, parse_wrk
 
@@ -176,6 +176,7 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
         "-m",
         "loadtest.bench",
         "--smoke",
+        "--no-engine",  # (the real-engine tier runs its own: tests/engine)
         "--json",
         str(out),
         cwd=ROOT,
@@ -233,9 +234,16 @@ async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
     assert {"after_load_mb", "parallel"} <= set(memory)
     assert len(doc["startup"]["runs_s"]) == 1
     assert doc["startup"]["median_s"] > 0
-    assert [t["target"] for t in doc["targets"]] == [name for name, _ in results.TARGETS]
+    shared_ran = "skipped" not in doc["shared"]
+    expected = [*results.TARGETS, *(shared_results.TARGETS if shared_ran else ())]
+    assert [t["target"] for t in doc["targets"]] == [name for name, _ in expected]
     assert all(set(t) == {"target", "unit", "measured", "passed", "note"} for t in doc["targets"])
     assert_scaling_shape(doc["scaling"], largest=doc["settings"]["scaling_backends"])
+    if shared_ran:
+        assert_shared_shape(doc["shared"], long_streams=doc["settings"]["long_streams"])
+    else:  # no redis-server here: the section says so
+        assert "redis-server" in doc["shared"]["skipped"]
+        assert "shared state (issue 16): skipped" in stdout.decode()
 
 
 def assert_scaling_shape(scaling: dict[str, Any], *, largest: int) -> None:
@@ -258,6 +266,43 @@ def assert_scaling_shape(scaling: dict[str, Any], *, largest: int) -> None:
         assert 0 <= low <= several["ratio"] <= high
         assert isinstance(several["cpu_added_us"], int | float)
     assert scaling["worst_ratio"] == min(scaling["backends"][n]["ratio"] for n in ns)
+
+
+def assert_shared_shape(shared: dict[str, Any], *, long_streams: int) -> None:
+    """What a tiny shared-state run always gives: every workload on every gateway, requests
+    admitted and none failed, Redis's figures for the Redis gateways only, numbers present
+    and not negative (what Redis adds may be either sign), and the long streams' renewals
+    counted. Never a speed, and no count that background calls could move."""
+    assert list(shared["workloads"]) == list(shared_results.WORKLOADS)
+    redis_keys = (
+        "round_trips_per_request",
+        "evalsha_per_request",
+        "commands_per_request",
+        "redis_cpu_us_per_request",
+    )
+    for block in shared["workloads"].values():
+        for key, _title, shares, _tokens in shared_results.CONFIGS:
+            entry = block[key]
+            assert entry["admitted"] > 0
+            assert entry["errors"] == 0
+            for name in ("latency_p50_ms", "latency_p99_ms", "cpu_us_per_request"):
+                assert is_non_negative(entry[name]), (key, name, entry[name])
+            for name in redis_keys:
+                assert is_non_negative(entry[name]) if shares else entry[name] is None
+        assert set(block["added"]) == {"redis", "redis_tokens"}
+        for added in block["added"].values():
+            assert isinstance(added["latency_p50_ms"], int | float)
+            assert isinstance(added["cpu_us"], int | float)
+            low, high = added["latency_p50_range_ms"]
+            assert low <= added["latency_p50_ms"] <= high
+    long = shared["long_streams"]
+    assert long["streams"] == long_streams
+    assert long["held_at_end"] == long_streams
+    assert long["window_s"] > 0
+    assert is_non_negative(long["renewals"])
+    assert is_non_negative(long["renewals_per_s"])
+    assert long["most_renewals"] >= 1
+    assert isinstance(shared["redis_version"], str)
 
 
 def is_non_negative(value: object) -> bool:
