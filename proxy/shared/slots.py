@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
 import structlog
 from redis.exceptions import RedisError
@@ -84,7 +84,13 @@ class SharedSlots:
         for backend in ranked:
             args += [backend.slots, backend.priority, int(backend.has_loaded(model))]
         keys = [lease_key(b.name) for b in ranked]
-        chosen, soonest_ms = await self.state.call(self._claim(keys=keys, args=args))
+        try:
+            chosen, soonest_ms = await self.state.call(self._claim(keys=keys, args=args))
+        except BaseException:
+            # No answer (the client left, or Redis was too slow): the script may still have
+            # run and taken a slot that nobody would release before its lease expired.
+            self._spawn(self._unclaim(ranked, member))
+            raise
         if int(chosen) == 0:
             self._wake_in(int(soonest_ms))
             return None
@@ -98,8 +104,10 @@ class SharedSlots:
         members = self.held.get(backend)
         if not members:
             return  # taken while Redis was down: there is no lease
-        member = members.pop()
-        task = asyncio.ensure_future(self._release(backend, member))
+        self._spawn(self._release(backend, members.pop()))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -110,6 +118,19 @@ class SharedSlots:
                 pipe.zrem(lease_key(backend), member)
                 pipe.publish(FREED, backend)
                 await self.state.call(pipe.execute())
+
+    async def _unclaim(self, candidates: Sequence[Slotted], member: str) -> None:
+        """Drop the lease a claim without an answer may have taken (members are unique:
+        where it took none, nothing is removed), and say so where one was."""
+        redis = self.state.redis
+        with contextlib.suppress(Unavailable):
+            async with redis.pipeline(transaction=False) as pipe:
+                for backend in candidates:
+                    pipe.zrem(lease_key(backend.name), member)
+                removed = await self.state.call(pipe.execute())
+            for backend, count in zip(candidates, removed, strict=True):
+                if count:
+                    await self.state.call(redis.publish(FREED, backend.name))
 
     def _wake_in(self, ms: int) -> None:
         """Dispatch again when a lease is due to expire (a dead replica's frees a slot

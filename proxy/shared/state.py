@@ -64,11 +64,12 @@ class SharedState:
 
     async def start(self) -> None:
         """Connect (a first PING), then watch the connection for as long as the app runs."""
-        with contextlib.suppress(Unavailable):
+        try:
             await self.call(self.redis.ping())
+        except Unavailable:
+            pass  # marked down, and said why, by call()
+        else:
             self._mark(up=True)
-        if not self.up:
-            self._mark(up=False, error="no answer at start-up")
         self._watch = asyncio.create_task(self._watch_forever())
 
     async def close(self) -> None:
