@@ -56,9 +56,11 @@ def site_copy(upstreams: Sequence[str], listen: str | None = None) -> str:
 
 
 def main_config(workdir: Path, site: Path, *, workers: int = 1) -> str:
-    """A main configuration shaped like the nginx image's /etc/nginx/nginx.conf, with every
-    path it writes under ``workdir``, that includes ``site`` in its http block."""
+    """A main configuration shaped like the nginx image's /etc/nginx/nginx.conf (which runs
+    in the foreground, as the image does), with every path it writes under ``workdir``, that
+    includes ``site`` in its http block."""
     return f"""
+daemon off;
 worker_processes {workers};
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log notice;
