@@ -8,10 +8,15 @@ python := env("PYTHON", "python3")
 venv := justfile_directory() / ".venv"
 py := venv / "bin" / "python"
 # OLLAMA_BOXES=2 in deploy/.env: the two-box stack, a second Ollama from
-# deploy/compose.two-boxes.yaml. Every stack recipe gives compose the same files, so that
-# `down`, `logs` and `restart` know the second box too.
+# deploy/compose.two-boxes.yaml. GATEWAY_REPLICAS=N (2 or more): N gateway replicas sharing
+# Redis behind nginx, from deploy/compose.replicas.yaml (and, with two boxes,
+# compose.two-boxes.replicas.yaml, which gives the replicas both boxes). Every stack recipe
+# gives compose the same files, so that `down`, `logs` and `restart` know every service.
 boxes := `sed -n 's/^OLLAMA_BOXES=//p' deploy/.env 2>/dev/null | tail -n 1 | tr -d "\"' " || true`
-compose_files := if boxes == "2" { "-f deploy/compose.yaml -f deploy/compose.two-boxes.yaml" } else { "-f deploy/compose.yaml" }
+replicas := `sed -n 's/^GATEWAY_REPLICAS=//p' deploy/.env 2>/dev/null | tail -n 1 | tr -d "\"' " || true`
+boxes_files := if boxes == "2" { " -f deploy/compose.two-boxes.yaml" } else { "" }
+replicas_files := if replicas == "" { "" } else if replicas == "1" { "" } else if boxes == "2" { " -f deploy/compose.replicas.yaml -f deploy/compose.two-boxes.replicas.yaml" } else { " -f deploy/compose.replicas.yaml" }
+compose_files := "-f deploy/compose.yaml" + boxes_files + replicas_files
 compose := "docker compose " + compose_files + " --env-file deploy/.env -p ollama-gateway"
 # The gateway's names for the two boxes (deploy/compose.two-boxes.yaml's BACKENDS).
 two_box_backends := "main second"
@@ -125,7 +130,11 @@ deploy: _env
 urls:
     #!/usr/bin/env bash
     set -a; [ -f deploy/.env ] && . deploy/.env; set +a
-    echo "API (gateway)  http://localhost:${PROXY_PORT:-8000}   try: just chat"
+    if [ "${GATEWAY_REPLICAS:-1}" -gt 1 ] 2>/dev/null; then
+        echo "API (nginx)    http://localhost:${PROXY_PORT:-8000}   in front of $GATEWAY_REPLICAS gateway replicas; try: just chat"
+    else
+        echo "API (gateway)  http://localhost:${PROXY_PORT:-8000}   try: just chat"
+    fi
     key="$(deploy/client-key.sh)"
     if [ -n "$key" ]; then
         echo "API key        $key   (Authorization: Bearer ...; PROXY_API_KEYS in deploy/.env)"
@@ -208,6 +217,10 @@ _env: venv
         ""|1|2) ;;
         *) echo "deploy/.env: OLLAMA_BOXES must be 1 or 2, not '{{boxes}}'" >&2; exit 1 ;;
     esac
+    if ! [[ "{{replicas}}" =~ ^([1-9][0-9]*)?$ ]]; then
+        echo "deploy/.env: GATEWAY_REPLICAS must be a whole number, 1 or more, not '{{replicas}}'" >&2
+        exit 1
+    fi
     anonymous="$(sed -n 's/^ALLOW_ANONYMOUS=//p' deploy/.env | tail -n 1)"
     if [ -z "$(deploy/client-key.sh)" ] && [ "$anonymous" != "true" ]; then
         key="$(secret)"

@@ -1,6 +1,6 @@
-"""The deploy files as tests read them: compose.yaml (alone, or with the two-box override)
-interpolated as Compose would, .env.example as a mapping, and the Dockerfile as a list of
-instructions."""
+"""The deploy files as tests read them: compose.yaml (alone, or with the two-box and replicas
+overrides) interpolated as Compose would, .env.example as a mapping, and the Dockerfile as a
+list of instructions."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
 COMPOSE_PATH = DEPLOY / "compose.yaml"
 TWO_BOXES_PATH = DEPLOY / "compose.two-boxes.yaml"  # an override of compose.yaml
-COMPOSE_FILES = (COMPOSE_PATH, TWO_BOXES_PATH)
+REPLICAS_PATH = DEPLOY / "compose.replicas.yaml"  # another
+TWO_BOXES_REPLICAS_PATH = DEPLOY / "compose.two-boxes.replicas.yaml"  # after both
+COMPOSE_FILES = (COMPOSE_PATH, TWO_BOXES_PATH, REPLICAS_PATH, TWO_BOXES_REPLICAS_PATH)
 ENV_EXAMPLE_PATH = DEPLOY / ".env.example"
 DOCKERFILE_PATH = DEPLOY / "Dockerfile"
 
@@ -32,18 +34,28 @@ def raw_compose(path: Path = COMPOSE_PATH) -> dict[str, Any]:
 
 
 def merge_override(base: Any, override: Any, where: str = "") -> Any:
-    """``override`` applied to ``base`` as Compose merges files, for what the stack's override
-    uses: mappings (services, environment, depends_on, volumes) merge key by key, and a
-    scalar replaces a scalar. Compose merges sequences by rules that differ from key to key
-    (ports add up, volumes merge by target), so an override of one is refused here."""
+    """``override`` applied to ``base`` as Compose merges files, for what the stack's
+    overrides use: mappings (services, environment, depends_on, volumes) merge key by key, a
+    scalar replaces a scalar, and a service's bind mounts merge by their container path (a
+    mount there replaces the base's). Compose merges other sequences by rules that differ
+    from key to key (ports add up, commands are replaced), so an override of one is refused."""
     if isinstance(base, dict) and isinstance(override, dict):
         merged = dict(base)
         for key, value in override.items():
             inner = f"{where}.{key}"
             merged[key] = merge_override(base[key], value, inner) if key in base else value
         return merged
+    if isinstance(base, list) and where.endswith(".volumes"):
+        by_target = {mount_target(volume): volume for volume in base}
+        by_target.update({mount_target(volume): volume for volume in override})
+        return list(by_target.values())
     assert not isinstance(base, list | dict), f"{where}: the override replaces a {type(base)}"
     return override
+
+
+def mount_target(volume: str) -> str:
+    """The container path of a short-syntax volume (``source:target[:mode]``)."""
+    return volume.split(":")[1]
 
 
 def interpolate(node: Any, env: Mapping[str, str]) -> Any:
@@ -59,11 +71,27 @@ def interpolate(node: Any, env: Mapping[str, str]) -> Any:
     return node
 
 
-def compose(env: Mapping[str, str] | None = None, *, two_boxes: bool = False) -> dict[str, Any]:
-    """compose.yaml, with the two-box override if asked, interpolated with ``env``."""
-    raw = raw_compose()
+def stack_files(*, two_boxes: bool = False, replicas: bool = False) -> list[Path]:
+    """The compose files of a stack, in the order the Justfile gives them."""
+    files = [COMPOSE_PATH]
     if two_boxes:
-        raw = merge_override(raw, raw_compose(TWO_BOXES_PATH))
+        files.append(TWO_BOXES_PATH)
+    if replicas:
+        files.append(REPLICAS_PATH)
+    if two_boxes and replicas:
+        files.append(TWO_BOXES_REPLICAS_PATH)
+    return files
+
+
+def compose(
+    env: Mapping[str, str] | None = None, *, two_boxes: bool = False, replicas: bool = False
+) -> dict[str, Any]:
+    """compose.yaml, with the two-box and replicas overrides if asked, interpolated with
+    ``env``."""
+    files = stack_files(two_boxes=two_boxes, replicas=replicas)
+    raw = raw_compose(files[0])
+    for path in files[1:]:
+        raw = merge_override(raw, raw_compose(path))
     result: dict[str, Any] = interpolate(raw, env or {})
     return result
 

@@ -10,6 +10,8 @@ import shutil
 
 import pytest
 
+from loadtest.bench.services import find_nginx
+
 
 def require_tool(binary: str, package: str) -> str:
     path = shutil.which(binary)
@@ -36,3 +38,12 @@ def docker_compose() -> str:
 @pytest.fixture
 def prometheus_binary() -> str:
     return require_tool("prometheus", "prometheus")
+
+
+@pytest.fixture
+def nginx_binary() -> str:
+    # /usr/sbin is not on every user's PATH; find_nginx also looks there.
+    path = find_nginx()
+    if path is None:
+        pytest.skip("nginx is not installed (Debian package nginx)")
+    return path

@@ -1,4 +1,5 @@
-"""A real Prometheus server for tests: Debian's ``prometheus`` binary scraping one target.
+"""A real Prometheus server for tests: Debian's ``prometheus`` binary scraping one target, or
+several (gateway replicas) under one job.
 
     async with PrometheusServer("127.0.0.1:8123") as prom:
         await prom.wait_until_up()
@@ -17,6 +18,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,11 +44,12 @@ def _free_port() -> int:
 
 
 class PrometheusServer:
-    """One Prometheus process scraping ``target`` (``host:port``) under ``job``."""
+    """One Prometheus process scraping ``target`` (``host:port``, or a sequence of them) under
+    ``job``."""
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         job: str = "ollama-gateway",
         scrape_interval: str = "1s",
@@ -58,7 +61,7 @@ class PrometheusServer:
         if found is None:
             raise PrometheusError("the prometheus binary is not installed (Debian: prometheus)")
         self.binary = found
-        self.target = target
+        self.targets = [target] if isinstance(target, str) else list(target)
         self.job = job
         self.scrape_interval = scrape_interval
         self.start_timeout_s = start_timeout_s
@@ -106,7 +109,7 @@ class PrometheusServer:
                 "evaluation_interval": self.scrape_interval,
             },
             "scrape_configs": [
-                {"job_name": self.job, "static_configs": [{"targets": [self.target]}]}
+                {"job_name": self.job, "static_configs": [{"targets": self.targets}]}
             ],
         }
         (root / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -171,18 +174,18 @@ class PrometheusServer:
         return result
 
     async def wait_until_up(self, timeout_s: float = 30.0) -> None:
-        """Wait until the target's last scrape succeeded (``up == 1``)."""
+        """Wait until every target's last scrape succeeded (``up == 1``)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             result = await self.query(f'up{{job="{self.job}"}}')
-            if result and all(series["value"][1] == "1" for series in result):
+            if len(result) == len(self.targets) and all(s["value"][1] == "1" for s in result):
                 return
             await asyncio.sleep(_POLL_S)
-        raise PrometheusError(f"target {self.target} not up within {timeout_s:g} s")
+        raise PrometheusError(f"targets {self.targets} not up within {timeout_s:g} s")
 
     async def wait_for_scrapes(self, count: int = 2, timeout_s: float = 30.0) -> None:
-        """Wait until ``count`` more scrapes of the target have been stored."""
-        query = f'count_over_time(up{{job="{self.job}"}}[1h])'
+        """Wait until ``count`` more scrapes of every target have been stored."""
+        query = f'min(count_over_time(up{{job="{self.job}"}}[1h]))'
         start = await self._scrape_count(query)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -52,6 +52,12 @@ REQUIRED_PANELS = {
     "Requests by Backend",
     "Backend Failovers",
     "Time to First Token p95 by Backend",
+    # Gateway replicas (issue 16).
+    "Shared State Up by Replica",
+    "Slots Held by Replica",
+    "Queue by Replica",
+    "Requests by Replica",
+    "Gateway Replicas Up",
 }
 # Panels that show each backend: their queries keep the backend labels in their legends.
 BACKEND_PANELS = {
@@ -61,6 +67,20 @@ BACKEND_PANELS = {
     "Backend Failovers": {"from_backend", "to_backend"},
     "Time to First Token p95 by Backend": {"backend"},
 }
+# Panels that show each gateway replica, by its name (ollama_proxy_info's replica label).
+REPLICA_PANELS = {
+    "Shared State Up by Replica": {"replica"},
+    "Slots Held by Replica": {"replica", "backend"},
+    "Queue by Replica": {"replica"},
+    "Requests by Replica": {"replica"},
+}
+# Gauges every replica reports alike (a backend's configured slots, what it has loaded):
+# summing them over replicas would count each backend once per replica.
+PER_BACKEND_FACTS = (
+    "ollama_concurrency_slots",
+    "ollama_loaded_models",
+    "ollama_model_memory_bytes",
+)
 CONTAINER_PANELS = {
     "Memory Usage vs Limit",
     "CPU Usage %",
@@ -144,6 +164,31 @@ def test_backend_panels_show_each_backend() -> None:
             assert query.legend_labels == labels, query.expr
             assert re.search(rf"\bby \({', '.join(sorted(labels))}\b", query.expr), query.expr
     assert found == set(BACKEND_PANELS)
+
+
+def test_replica_panels_name_each_replica() -> None:
+    """The per-replica panels take the replica's name from ollama_proxy_info by job and
+    instance, group by it, and show it in their legends."""
+    found = set()
+    for query in queries(load_dashboard()):
+        if query.panel in REPLICA_PANELS and "replica" in query.legend_labels:
+            found.add(query.panel)
+            labels = REPLICA_PANELS[query.panel]
+            assert query.legend_labels == labels, query.expr
+            assert re.search(rf"\bby \({', '.join(sorted(labels, reverse=True))}\)", query.expr)
+            assert "* on (job, instance) group_left (replica) ollama_proxy_info" in query.expr
+    assert found == set(REPLICA_PANELS)
+
+
+def test_per_backend_facts_are_not_summed_over_replicas() -> None:
+    """Each backend's slots, loaded models and model memory are taken once per backend
+    (max by backend) before any sum: every gateway replica reports the same values."""
+    for query in queries(load_dashboard()):
+        for metric in PER_BACKEND_FACTS:
+            for match in re.finditer(rf"(\w+)(?:\s+by\s*\(([^)]*)\))?\s*\({metric}\b", query.expr):
+                aggregation, grouping = match.group(1), match.group(2) or ""
+                assert aggregation == "max", f"{query.panel}: {query.expr}"
+                assert "backend" in grouping.split(", "), f"{query.panel}: {query.expr}"
 
 
 def test_rates_use_grafana_intervals() -> None:

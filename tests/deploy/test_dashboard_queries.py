@@ -1,11 +1,13 @@
-"""Dashboard panels and alert expressions, evaluated by a real Prometheus scraping a gateway.
+"""Dashboard panels and alert expressions, evaluated by a real Prometheus scraping gateways.
 
-The gateway runs in-process in front of two fake Ollamas, its backends ``main`` and
-``second`` (so that the per-backend panels have something to tell apart, and a failover can
-happen); Debian's ``prometheus`` scrapes it every second while the test sends traffic that
-moves every gateway metric. Panels on the gateway's metrics must then return data, split by
-no label their legends do not show; panels on cAdvisor's (which no test can produce) must
-evaluate without error, as must every alert rule's expression.
+Two gateway replicas, ``a`` and ``b``, run in-process and share their limits and slots
+through a real redis-server, as in the replicas stack; each is in front of the same two fake
+Ollamas, its backends ``main`` and ``second`` (so that the per-backend panels have something
+to tell apart, and a failover can happen). Debian's ``prometheus`` scrapes both every second
+while the test sends each of them traffic that moves every gateway metric. Panels on the
+gateway's metrics must then return data, split by no label their legends do not show, and
+count what every replica reports alike (a backend's slots) once; panels on cAdvisor's (which
+no test can produce) must evaluate without error, as must every alert rule's expression.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import aiohttp
 import pytest
 
 from loadtest.fake_ollama import MODE_HEADER, FakeOllama, FakeOllamaConfig
-from tests.conftest import MODEL, GatewayFactory, RunningGateway
+from tests.conftest import MODEL, GatewayFactory, RedisServer, RunningGateway
 from tests.deploy.dashboard import Query, load_dashboard, queries, rule_expressions
 from tests.deploy.prometheus import PrometheusServer
 
@@ -28,6 +30,8 @@ TESTER = {"Authorization": "Bearer tester-key-0001"}
 GREEDY = {"Authorization": "Bearer greedy-key-0001"}
 DATA_DEADLINE_S = 45.0
 BACKENDS = {"main", "second"}
+REPLICAS = ("a", "b")
+Monitored = tuple[list[RunningGateway], PrometheusServer]
 
 
 @pytest.fixture
@@ -44,29 +48,39 @@ async def monitored(
     fake: FakeOllama,
     second_fake: FakeOllama,
     gateway_factory: GatewayFactory,
+    redis_server: RedisServer,
     prometheus_binary: str,
-) -> AsyncIterator[tuple[RunningGateway, PrometheusServer]]:
-    """A gateway with two backends, a normal and a throttled API key, and a Prometheus
-    scraping it."""
+) -> AsyncIterator[Monitored]:
+    """Two gateway replicas sharing Redis, each with two backends, a normal and a throttled
+    API key, and a Prometheus scraping both."""
     for server in (fake, second_fake):
         server.config.load_s = 0.02  # so that Ollama's load_duration reaches its panel
-    gateway = await gateway_factory(
-        upstream={"probe_interval_s": 0.2},  # loaded-model gauges follow within a scrape
-        backends=[
-            {"name": "main", "url": fake.url, "slots": 1},
-            {"name": "second", "url": second_fake.url, "slots": 1},
-        ],
-        auth={
-            "api_keys": [
-                {"name": "tester", "key": "tester-key-0001"},
-                {"name": "greedy", "key": "greedy-key-0001", "requests_per_minute": 1, "burst": 1},
-            ]
-        },
-    )
-    target = urlsplit(gateway.url).netloc
-    async with PrometheusServer(target, binary=prometheus_binary) as prometheus:
+    replicas = [
+        await gateway_factory(
+            upstream={"probe_interval_s": 0.2},  # loaded-model gauges follow within a scrape
+            backends=[
+                {"name": "main", "url": fake.url, "slots": 1},
+                {"name": "second", "url": second_fake.url, "slots": 1},
+            ],
+            auth={
+                "api_keys": [
+                    {"name": "tester", "key": "tester-key-0001"},
+                    {
+                        "name": "greedy",
+                        "key": "greedy-key-0001",
+                        "requests_per_minute": 1,
+                        "burst": 1,
+                    },
+                ]
+            },
+            shared={"redis_url": redis_server.url, "replicas": len(REPLICAS), "replica": name},
+        )
+        for name in REPLICAS
+    ]
+    targets = [urlsplit(replica.url).netloc for replica in replicas]
+    async with PrometheusServer(targets, binary=prometheus_binary) as prometheus:
         await prometheus.wait_until_up()
-        yield gateway, prometheus
+        yield replicas, prometheus
 
 
 async def send(
@@ -108,17 +122,19 @@ async def exercise(http: aiohttp.ClientSession, base: str) -> None:
 
 
 async def exercise_twice(
-    http: aiohttp.ClientSession, base: str, prometheus: PrometheusServer
+    http: aiohttp.ClientSession, replicas: list[RunningGateway], prometheus: PrometheusServer
 ) -> None:
-    """Two rounds of traffic with a scrape between them.
+    """Two rounds of traffic to every replica, with a scrape between them.
 
     A labelled series appears with its first request, so the first scrape already holds the
     first round's count and rate()/increase() see nothing of it; the second round moves
-    series that Prometheus already knows.
+    series that Prometheus already knows, on each replica.
     """
-    await exercise(http, base)
+    for replica in replicas:
+        await exercise(http, replica.url)
     await prometheus.wait_for_scrapes(1)
-    await exercise(http, base)
+    for replica in replicas:
+        await exercise(http, replica.url)
 
 
 async def queries_without_data(prometheus: PrometheusServer, candidates: list[Query]) -> list[str]:
@@ -147,11 +163,11 @@ async def queries_split_beyond_their_legend(
 
 
 async def test_dashboard_queries_return_data(
-    monitored: tuple[RunningGateway, PrometheusServer], http: aiohttp.ClientSession
+    monitored: Monitored, http: aiohttp.ClientSession
 ) -> None:
     """Each gateway panel returns data after traffic; container panels and alerts evaluate."""
-    gateway, prometheus = monitored
-    await exercise_twice(http, gateway.url, prometheus)
+    replicas, prometheus = monitored
+    await exercise_twice(http, replicas, prometheus)
 
     all_queries = queries(load_dashboard())
     gateway_queries = [query for query in all_queries if not query.is_container]
@@ -177,11 +193,11 @@ async def test_dashboard_queries_return_data(
 
 
 async def test_traffic_reaches_prometheus_with_its_labels(
-    monitored: tuple[RunningGateway, PrometheusServer], http: aiohttp.ClientSession
+    monitored: Monitored, http: aiohttp.ClientSession
 ) -> None:
     """The throttled key, the rejection reasons and the outcomes arrive as the dashboard expects."""
-    gateway, prometheus = monitored
-    await exercise_twice(http, gateway.url, prometheus)
+    replicas, prometheus = monitored
+    await exercise_twice(http, replicas, prometheus)
 
     async def labels(promql: str, label: str) -> set[str]:
         return {series["metric"].get(label, "") for series in await prometheus.query(promql)}
@@ -212,12 +228,12 @@ async def test_traffic_reaches_prometheus_with_its_labels(
 
 
 async def test_each_backend_reaches_prometheus_and_failovers_name_both(
-    monitored: tuple[RunningGateway, PrometheusServer], http: aiohttp.ClientSession
+    monitored: Monitored, http: aiohttp.ClientSession
 ) -> None:
     """Both backends' slots and probes arrive per backend, and each busy answer's failover is
     counted from one backend to the other."""
-    gateway, prometheus = monitored
-    await exercise_twice(http, gateway.url, prometheus)
+    replicas, prometheus = monitored
+    await exercise_twice(http, replicas, prometheus)
 
     async def by_backend(promql: str) -> dict[str, float]:
         return {
@@ -238,7 +254,7 @@ async def test_each_backend_reaches_prometheus_and_failovers_name_both(
         assert time.monotonic() < deadline, f"after {DATA_DEADLINE_S:g} s: {moved}"
         await prometheus.wait_for_scrapes(1)
     assert all(src != dst and {src, dst} == BACKENDS for src, dst in moved)
-    assert await by_backend("sum by (backend) (ollama_concurrency_slots)") == {
+    assert await by_backend("max by (backend) (ollama_concurrency_slots)") == {
         "main": 1.0,
         "second": 1.0,
     }
@@ -249,3 +265,47 @@ async def test_each_backend_reaches_prometheus_and_failovers_name_both(
     served = await by_backend('sum by (backend) (ollama_requests_total{backend!="none"})')
     assert set(served) == BACKENDS
     assert sum(served.values()) > 0
+
+
+async def test_panels_count_each_backend_once_and_show_each_replica(
+    monitored: Monitored, http: aiohttp.ClientSession
+) -> None:
+    """With two replicas scraped, the capacity panels count each backend's slots and loaded
+    models once, and the replica panels show both replicas by name, both sharing Redis."""
+    replicas, prometheus = monitored
+    await exercise_twice(http, replicas, prometheus)
+    panels = {(query.panel, query.ref_id): query for query in queries(load_dashboard())}
+
+    async def panel(title: str, ref_id: str = "A") -> dict[tuple[str, ...], float]:
+        """The panel query's series, keyed by the values of the labels its legend shows."""
+        query = panels[title, ref_id]
+        labels = sorted(query.legend_labels)
+        return {
+            tuple(series["metric"].get(label, "") for label in labels): float(series["value"][1])
+            for series in await prometheus.query(query.promql)
+        }
+
+    async def loaded_per_replica() -> list[float]:
+        result = await prometheus.query("sum by (instance) (ollama_loaded_models)")
+        return [float(series["value"][1]) for series in result]
+
+    # Loaded models follow each replica's probe: wait until both report the same, non-zero.
+    deadline = time.monotonic() + DATA_DEADLINE_S
+    while len(set(each := await loaded_per_replica())) != 1 or len(each) != 2 or not each[0]:
+        assert time.monotonic() < deadline, f"after {DATA_DEADLINE_S:g} s: {each}"
+        await prometheus.wait_for_scrapes(1)
+    assert await panel("Loaded Models") == {(): each[0]}, "each backend's models counted once"
+
+    assert await panel("Active Requests vs Slots", "B") == {(): 2.0}  # two backends of one
+    assert await panel("Active Requests vs Slots by Backend", "B") == {
+        ("main",): 1.0,
+        ("second",): 1.0,
+    }
+    assert await panel("Shared State Up by Replica") == {("a",): 1.0, ("b",): 1.0}
+    assert await panel("Gateway Replicas Up", "A") == {(): 2.0}
+    assert await panel("Gateway Replicas Up", "B") == {(): 2.0}
+    held = await panel("Slots Held by Replica")
+    assert set(held) == {(backend, name) for backend in BACKENDS for name in REPLICAS}
+    assert all(value == 0 for value in held.values()), "every request has ended"
+    assert await panel("Queue by Replica") == {("a",): 0.0, ("b",): 0.0}
+    assert set(await panel("Requests by Replica")) == {("a",), ("b",)}

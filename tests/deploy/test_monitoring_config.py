@@ -28,9 +28,16 @@ REQUIRED_ALERTS = {
     "SlowTimeToFirstToken",
     "QueueSaturated",
     "RateLimitSpike",
+    "SharedStateDown",
 }
 # Alerts whose thresholds have traffic or limit guards worth proving quiet.
-REQUIRED_QUIET_CASES = {"HighMemoryUsage", "HighErrorRatio", "BackendDown", "QueueSaturated"}
+REQUIRED_QUIET_CASES = {
+    "HighMemoryUsage",
+    "HighErrorRatio",
+    "BackendDown",
+    "QueueSaturated",
+    "SharedStateDown",
+}
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -185,6 +192,22 @@ def test_backend_down_says_where_to_look_for_each_box() -> None:
     description = " ".join(alert_rules()["BackendDown"]["annotations"]["description"].split())
     assert "/health/ollama" in description
     for service in ollama_services():
+        assert f"`just logs {service}`" in description, service
+
+
+def test_shared_state_down_says_what_the_policy_does_and_where_to_look() -> None:
+    """SharedStateDown names the replica, both failure policies and what each does, and
+    `just logs` for the replicas stack's Redis and gateway services."""
+    rule = alert_rules()["SharedStateDown"]
+    description = " ".join(rule["annotations"]["description"].split())
+    assert "{{ $labels.replica }}" in rule["annotations"]["summary"]
+    assert "SHARED_STATE_ON_FAILURE" in description
+    assert "open (the default)" in description
+    assert "closed: it refuses every inference request with 503" in description
+    assert rule["for"] == "1m"
+    services = compose(replicas=True)["services"]
+    for service in ("redis", "gateway"):
+        assert service in services
         assert f"`just logs {service}`" in description, service
 
 

@@ -22,6 +22,7 @@ from tests.deploy.compose import (
     env_example,
     environment,
     raw_compose,
+    stack_files,
 )
 from tests.deploy.conftest import require_tool
 
@@ -54,7 +55,7 @@ def test_docker_compose_accepts_the_two_box_stack(
     env = PROFILES[profile]
     env_file = tmp_path / "env"
     env_file.write_text(env_file_text(env))
-    result = docker_compose_config(docker_compose, env_file, COMPOSE_FILES)
+    result = docker_compose_config(docker_compose, env_file, stack_files(two_boxes=True))
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     ours = compose(env, two_boxes=True)
