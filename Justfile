@@ -73,7 +73,8 @@ stress *args: venv
     PROXY_API_KEY="${PROXY_API_KEY:-$(deploy/client-key.sh)}" {{py}} -m loadtest {{args}}
 
 # Measure what the gateway adds (vs the fake Ollama direct, nginx), how it scales over N backends,
-# and what sharing its state through Redis costs (`--only overhead|scaling|shared`).
+# what sharing its state through Redis costs, and what it costs on the real engine
+# (`--only overhead|scaling|shared|engine`; `--engine`: the engine alone, once `just engine` built it).
 bench *args: venv
     {{py}} -m loadtest.bench {{args}}
 
