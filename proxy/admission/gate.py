@@ -196,14 +196,8 @@ class Gate:
                 target = best(waiter.eligible(), waiter.model, waiter.prefer, self._alone_share())
                 if target is None:
                     continue
-                queue.remove(waiter)
-                self.queued -= 1
-                if queue:
-                    self._waiters.move_to_end(client)
-                else:
-                    del self._waiters[client]
                 self._take(target)
-                waiter.future.set_result(target)
+                self._hand(client, queue, waiter, target)
                 return True
         return False
 
@@ -267,6 +261,11 @@ class Gate:
         if waiter.future.done():  # it gave up while the claim was in flight
             self.release(target, None)
             return
+        self._hand(client, queue, waiter, target)
+
+    def _hand(self, client: str, queue: deque[Waiter], waiter: Waiter, target: Target) -> None:
+        """The waiter leaves the queue with ``target``, already taken; its client's turn
+        moves to the back (round-robin between clients)."""
         queue.remove(waiter)
         self.queued -= 1
         if queue:
