@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -302,3 +304,31 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     yield server
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def run_module(
+    *argv: str,
+    timeout_s: float,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[int, str, str]:
+    """``python -m argv...`` from the project's root, to its end within ``timeout_s`` (killed
+    otherwise); its exit status, stdout and stderr. ``env`` replaces the environment."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", *argv,
+        cwd=ROOT, env={**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)},
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(timeout_s):
+            stdout, stderr = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()

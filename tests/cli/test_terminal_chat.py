@@ -6,8 +6,6 @@ import asyncio
 import os
 import re
 import socket
-import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,11 +13,10 @@ import pytest
 from loadtest.fake_ollama import FakeOllama
 from loadtest.fake_ollama.native import text_of
 from proxy.cli.conversation import refusal, stats_line
-from tests.conftest import MODEL, GatewayFactory, RunningGateway
+from tests.conftest import MODEL, GatewayFactory, RunningGateway, run_module
 
 pytestmark = pytest.mark.timeout(30)
 
-ROOT = Path(__file__).resolve().parents[2]
 STATS = re.compile(r"^ttft (\d+ ms|\d+\.\d\d s), (\d+) tokens(, [\d.]+ tokens/s)?$", re.MULTILINE)
 
 
@@ -28,30 +25,10 @@ async def chat(
 ) -> tuple[int, str, str]:
     """Run the chat with ``lines`` on its stdin; return its exit status, stdout and stderr."""
     env = {k: v for k, v in os.environ.items() if k != "OLLAMA_MODEL"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "chat",
-        "--url",
-        url,
-        *(("--model", model) if model else ()),
-        *args,
-        cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(20):
-            stdout, stderr = await proc.communicate("".join(f"{x}\n" for x in lines).encode())
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, stdout.decode(), stderr.decode()
+    return await run_module(
+        "proxy", "chat", "--url", url, *(("--model", model) if model else ()), *args,
+        timeout_s=20, stdin="".join(f"{x}\n" for x in lines).encode(), env=env,
+    )  # fmt: skip
 
 
 async def test_answers_stream_with_stats_and_history_model_and_reset_apply(

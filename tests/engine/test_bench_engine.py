@@ -3,15 +3,14 @@ table hold every figure the README reports."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_module
 from tests.engine.conftest import engine_missing
 
 pytestmark = [
@@ -22,24 +21,13 @@ pytestmark = [
     ),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 async def test_engine_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest.bench", "--engine", "--smoke", "--json", str(out),
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(120):
-            stdout, stderr = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, stderr.decode()[-3000:]
+    code, table, stderr = await run_module(
+        "loadtest.bench", "--engine", "--smoke", "--json", str(out), timeout_s=120
+    )
+    assert code == 0, stderr[-3000:]
     block = json.loads(out.read_text())["engine"]
     relays = ["gateway", "nginx"] if shutil.which("nginx") else ["gateway"]
     assert block["relays"] == relays
@@ -52,7 +40,6 @@ async def test_engine_bench_smoke(tmp_path: Path) -> None:
         assert low <= block[f"{name}_ratio"] <= high
         assert block[f"{name}_cpu_us_per_token"] > 0
         assert f"{name}_ttft_p99_added_ms" in block
-    table = stdout.decode()
     assert "real engine: SmolLM2-135M on llama.cpp" in table
     assert f"{block['threads']} engine thread(s) on {block['cpus']} CPU(s)" in table
     assert "engine tokens/s via gateway >= 0.99 x" in table

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +13,7 @@ import pytest
 from loadtest.bench import results, shared_results
 from loadtest.bench.services import cpu_seconds, nginx_conf
 from loadtest.bench.wrk import lua_script, parse_wrk
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_module
 
 WRK_OUTPUT = """\
 Running 1s test @ http://127.0.0.1:39713/api/tags
@@ -171,28 +168,13 @@ def test_targets_pass_miss_or_not_measured() -> None:
 async def test_smoke_run_writes_every_field(tmp_path: Path) -> None:
     """`python -m loadtest.bench --smoke` finishes in seconds and its JSON has every field."""
     out = tmp_path / "bench.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "loadtest.bench",
-        "--smoke",
+    code, stdout, stderr = await run_module(
+        "loadtest.bench", "--smoke", "--json", str(out),
         "--no-engine",  # (the real-engine tier runs its own: tests/engine)
-        "--json",
-        str(out),
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(100):
-            stdout, stderr = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, stderr.decode()[-3000:]
-    assert "targets" in stdout.decode()
+        timeout_s=100,
+    )  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    assert "targets" in stdout
     doc = json.loads(out.read_text())
     assert set(doc) >= {"machine", "baselines", "tools", "settings", "streaming", "small"}
     assert set(doc) >= {"memory", "startup", "targets"}

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,11 +13,9 @@ from loadtest.fake_ollama import FakeOllama
 from loadtest.report import summarize
 from loadtest.runner import RunConfig, run_load
 from loadtest.scrape import parse_text, server_view
-from tests.conftest import MODEL, GatewayFactory, RunningGateway
+from tests.conftest import MODEL, GatewayFactory, RunningGateway, run_module
 
 pytestmark = pytest.mark.timeout(30)
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -177,28 +172,11 @@ async def test_command_line_prints_the_table_and_writes_json(
     out = tmp_path / "run.json"
     argv = ["--url", gateway.url, "--dialect", "chat", "--requests", "6", "--concurrency", "2"]
     argv += ["--prompts", "short", "--metrics", "--json", str(out)]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "loadtest",
-        *argv,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(20):
-            stdout, stderr = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, stderr.decode()
-    text = stdout.decode()
+    code, text, stderr = await run_module("loadtest", *argv, timeout_s=20)
+    assert code == 0, stderr
     assert "p50" in text
     assert "Client vs gateway" in text
-    assert "6/6" in stderr.decode()
+    assert "6/6" in stderr
     document = json.loads(out.read_text())
     assert len(document["samples"]) == 6
     assert document["summary"]["outcomes"] == {
