@@ -4,7 +4,7 @@ shapes, the headers it sets and the security schemes, as this gateway is configu
 
 from __future__ import annotations
 
-from proxy.config import Config
+from proxy.config import Config, backends_of
 from proxy.openapi.schemas import Schema, ref
 
 _STRING: Schema = {"type": "string"}
@@ -171,4 +171,24 @@ def _security_schemes(config: Config) -> Schema:
             "name": "X-API-Key",
             "description": f"The admin key in X-API-Key. {admin}",
         },
+    }
+
+
+def backend_parameter(config: Config, *, required: bool) -> Schema:
+    """``X-Backend``: which of the gateway's Ollama hosts the request is for. A management
+    request must name one when there are several (a pull acts on one box); an inference
+    request may (it then runs there, or fails: no other box takes it)."""
+    names = [b.name for b in backends_of(config)]
+    must = required and len(names) > 1
+    what = (
+        "The backend to act on: required when the gateway has several."
+        if required
+        else "Run on this backend only (no failover); by default the gateway places it."
+    )
+    return {
+        "name": "X-Backend",
+        "in": "header",
+        "required": must,
+        "description": f"{what} An unknown name is a 400.",
+        "schema": {"type": "string", "enum": names},
     }

@@ -16,7 +16,7 @@ from proxy import __version__
 from proxy.config import Config
 from proxy.dialects import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, OLLAMA, OPENAI, SSE_CONTENT_TYPE
 from proxy.openapi import own
-from proxy.openapi.components import components
+from proxy.openapi.components import backend_parameter, components
 from proxy.openapi.responses import (
     FORBIDDEN_ADMIN,
     FORBIDDEN_CLOSED,
@@ -108,6 +108,8 @@ def relayed_operation(config: Config, method: str, path: str, spec: RouteSpec) -
     parameters: list[Schema] = [ref("parameters", "RequestId")]
     for name in _PARAM.findall(path):
         parameters.append({"name": name, "in": "path", "required": True, "schema": _param(name)})
+    if spec.kind in (INFERENCE, MANAGEMENT):
+        parameters.append(backend_parameter(config, required=spec.kind == MANAGEMENT))
     if method == "HEAD" and ("GET", path) in ROUTES:
         summary += " (headers only)"
     operation: Schema = {

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from proxy.config import Config
 from proxy.dialects import CHAT, JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, OLLAMA, OPENAI
+from proxy.openapi.components import backend_parameter
 from proxy.openapi.responses import FORBIDDEN_MODEL, error_response, error_responses, success
 from proxy.openapi.schemas import Schema, chat_request, ref
 
@@ -114,7 +115,7 @@ def _chat(config: Config) -> Schema:
         "text, token counts and timings from the upstream's final statistics.",
         "operationId": "post_chat",
         "security": [{"apiKeyBearer": []}, {"apiKeyHeader": []}] if config.auth.api_keys else [],
-        "parameters": [_ID],
+        "parameters": [_ID, backend_parameter(config, required=False)],
         "requestBody": {
             "required": True,
             "content": {

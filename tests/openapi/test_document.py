@@ -23,6 +23,12 @@ CONFIGS = {
     },
     "openai upstream": {"upstream": {"kind": "openai"}, "auth": KEYED},
     "no clamp, no streaming": {"limits": {"max_context_length": 0, "enable_streaming": False}},
+    "two backends": {
+        "backends": [
+            {"name": "gpu", "url": "http://a:11434"},
+            {"name": "cpu", "url": "http://b:11434"},
+        ]
+    },
 }
 
 
@@ -88,6 +94,30 @@ def test_keys_are_required_only_when_configured() -> None:
     assert "401" in chat_keyed["responses"]
     for path in ("/health", "/health/ollama", "/metrics", "/docs", "/openapi.json"):
         assert keyed[("GET", path)]["security"] == []
+
+
+def test_x_backend_is_described_where_the_gateway_reads_it() -> None:
+    """Inference and the chat may name a backend; management must, once there are several;
+    listings merge every backend and take none."""
+
+    def backend(operation: dict[str, Any]) -> dict[str, Any] | None:
+        found = [p for p in operation["parameters"] if p.get("name") == "X-Backend"]
+        return found[0] if found else None
+
+    several = _operations(_document(CONFIGS["two backends"]))
+    one = _operations(_document({}))
+    for key in (("POST", "/api/chat"), ("POST", "/v1/chat/completions"), ("POST", "/chat")):
+        parameter = backend(several[key])
+        assert parameter is not None
+        assert parameter["required"] is False
+        assert parameter["schema"]["enum"] == ["gpu", "cpu"]
+    pull = backend(several[("POST", "/api/pull")])
+    assert pull is not None
+    assert pull["required"] is True
+    single_pull = backend(one[("POST", "/api/pull")])
+    assert single_pull is not None
+    assert single_pull["required"] is False
+    assert backend(several[("GET", "/api/tags")]) is None
 
 
 def test_native_routes_are_501_before_an_openai_upstream() -> None:
