@@ -6,6 +6,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -17,11 +18,13 @@ from proxy.admission.ratelimit import Limit, RateLimiter
 from proxy.config import Config, backends_of
 from proxy.metrics import Metrics
 from proxy.shared.buckets import Limiter
-from proxy.shared.slots import SharedSlots
-from proxy.shared.state import SharedState
 from proxy.shutdown import Drain
 from proxy.upstream.backends import Backends
 from proxy.upstream.probe import Probe
+
+if TYPE_CHECKING:
+    from proxy.shared.slots import SharedSlots
+    from proxy.shared.state import SharedState
 
 
 @dataclass(slots=True)
@@ -71,6 +74,10 @@ class Gateway:
         )
         shared = slots = None
         if config.shared.redis_url:
+            # Imported here: a gateway without Redis never loads its client.
+            from proxy.shared.slots import SharedSlots
+            from proxy.shared.state import SharedState
+
             shared = SharedState(config.shared, metrics)
             slots = SharedSlots(shared, kick=gate.dispatch)
             gate.share_with(slots, config.shared.replicas)

@@ -33,7 +33,7 @@ from proxy.errors import (
     SharedStateDownError,
     ShuttingDownError,
 )
-from proxy.shared.state import Unavailable
+from proxy.shared import Unavailable
 
 if TYPE_CHECKING:
     from proxy.shared.slots import SharedSlots

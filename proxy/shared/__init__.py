@@ -1,0 +1,13 @@
+"""State shared by gateway replicas through Redis (issue 16): buckets, slots, the connection.
+
+Only this module's names are imported by a gateway without ``REDIS_URL``: the Redis client
+(a quarter of a second and megabytes to import) is loaded when shared state is turned on.
+"""
+
+from __future__ import annotations
+
+KEY_PREFIX = "ogw:"
+
+
+class Unavailable(Exception):
+    """Redis did not answer in time, or failed: the caller falls back (or refuses)."""

@@ -11,10 +11,14 @@ import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from proxy.admission.ratelimit import Decision, Limit, RateLimiter, refusal
+from proxy.shared import KEY_PREFIX, Unavailable
 from proxy.shared.scripts import ADMIT, RESERVE, SETTLE
-from proxy.shared.state import KEY_PREFIX, SharedState, Unavailable
+
+if TYPE_CHECKING:
+    from proxy.shared.state import SharedState
 
 
 class Limiter:

@@ -20,8 +20,9 @@ from typing import Any, Protocol
 import structlog
 from redis.exceptions import RedisError
 
+from proxy.shared import KEY_PREFIX, Unavailable
 from proxy.shared.scripts import CLAIM, RENEW
-from proxy.shared.state import KEY_PREFIX, SharedState, Unavailable
+from proxy.shared.state import SharedState
 
 log = structlog.get_logger("proxy.shared")
 FREED = f"{KEY_PREFIX}slots:freed"

@@ -23,15 +23,11 @@ from redis.exceptions import RedisError
 from proxy.config import SharedConfig
 from proxy.errors import SharedStateDownError
 from proxy.metrics import Metrics
+from proxy.shared import Unavailable
 
 log = structlog.get_logger("proxy.shared")
 T = TypeVar("T")
 PING_EVERY_S = 1.0
-KEY_PREFIX = "ogw:"
-
-
-class Unavailable(Exception):
-    """Redis did not answer in time, or failed: the caller falls back (or refuses)."""
 
 
 class SharedState:
