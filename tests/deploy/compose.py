@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from proxy.config import ENV_OVERRIDES
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
 COMPOSE_PATH = DEPLOY / "compose.yaml"
@@ -23,6 +25,9 @@ TWO_BOXES_REPLICAS_PATH = DEPLOY / "compose.two-boxes.replicas.yaml"  # after bo
 COMPOSE_FILES = (COMPOSE_PATH, TWO_BOXES_PATH, REPLICAS_PATH, TWO_BOXES_REPLICAS_PATH)
 ENV_EXAMPLE_PATH = DEPLOY / ".env.example"
 DOCKERFILE_PATH = DEPLOY / "Dockerfile"
+GATEWAY_ENV_NAMES = set(ENV_OVERRIDES) | {"PROXY_CONFIG"}  # what the gateway reads
+# What `just deploy` (its _env recipe) adds to deploy/.env: a generated client key.
+GENERATED_KEY = {"PROXY_API_KEYS": "app:generated-key-0123456789"}
 
 # ${NAME} or ${NAME:-default}: the only forms the stack uses (a test checks the default).
 INTERPOLATION = re.compile(r"\$\{(\w+)(:-([^}]*))?\}")

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import ENV_OVERRIDES, ConfigError, load_config
+from proxy.config import ConfigError, load_config
 from tests.conftest import RunningGateway
 from tests.deploy.compose import (
     COMPOSE_FILES,
     DEPLOY,
     ENV_EXAMPLE_PATH,
+    GATEWAY_ENV_NAMES,
+    GENERATED_KEY,
     INTERPOLATION,
     REPO,
     compose,
@@ -33,7 +35,6 @@ from tests.deploy.compose import (
 
 pytestmark = pytest.mark.timeout(60)
 
-GATEWAY_ENV_NAMES = set(ENV_OVERRIDES) | {"PROXY_CONFIG"}
 FOUR_GB_PROFILE = {"OLLAMA_MODEL": "qwen2.5:0.5b", "OLLAMA_MEMORY_LIMIT": "4g"}
 # .env.example entries no compose file reads: the project name is Compose's own, and the
 # Justfile reads OLLAMA_BOXES to choose the compose files.
@@ -69,10 +70,6 @@ def test_gateway_reads_every_variable_the_proxy_service_sets() -> None:
     """Every environment name given to the proxy service is one proxy.config reads."""
     names = set(environment(raw_compose()["services"]["proxy"]))
     assert names <= GATEWAY_ENV_NAMES, f"not read by the gateway: {names - GATEWAY_ENV_NAMES}"
-
-
-# What `just deploy` (its _env recipe) adds to deploy/.env: a generated client key.
-GENERATED_KEY = {"PROXY_API_KEYS": "app:generated-key-0123456789"}
 
 
 @pytest.mark.parametrize("profile", ["defaults", ".env.example", "4 GB"])

@@ -16,9 +16,11 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from proxy.config import ENV_OVERRIDES, backends_of, load_config
+from proxy.config import backends_of, load_config
 from tests.deploy.compose import (
     DEPLOY,
+    GATEWAY_ENV_NAMES,
+    GENERATED_KEY,
     REPO,
     compose,
     docker_compose_config,
@@ -39,8 +41,6 @@ from tests.deploy.nginx import (
 
 pytestmark = pytest.mark.timeout(60)
 
-GATEWAY_ENV_NAMES = set(ENV_OVERRIDES) | {"PROXY_CONFIG"}
-GENERATED_KEY = {"PROXY_API_KEYS": "app:generated-key-0123456789"}
 PROFILES = {
     "defaults": {},
     ".env.example, 3 replicas": {**env_example(), "GATEWAY_REPLICAS": "3"},

@@ -12,10 +12,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from proxy.config import ENV_OVERRIDES, backends_of, load_config
+from proxy.config import backends_of, load_config
 from tests.deploy.compose import (
     COMPOSE_FILES,
     ENV_EXAMPLE_PATH,
+    GATEWAY_ENV_NAMES,
+    GENERATED_KEY,
     REPO,
     compose,
     docker_compose_config,
@@ -28,9 +30,6 @@ from tests.deploy.conftest import require_tool
 
 pytestmark = pytest.mark.timeout(60)
 
-GATEWAY_ENV_NAMES = set(ENV_OVERRIDES) | {"PROXY_CONFIG"}
-# What `just deploy` (its _env recipe) adds to deploy/.env: a generated client key.
-GENERATED_KEY = {"PROXY_API_KEYS": "app:generated-key-0123456789"}
 SECOND_BOX = {
     "OLLAMA_NUM_PARALLEL": "3",
     "OLLAMA_SECOND_MEMORY_LIMIT": "3g",
