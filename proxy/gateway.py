@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from proxy.admission.keys import Access
 from proxy.admission.ratelimit import Limit, RateLimiter
 from proxy.config import Config, backends_of
 from proxy.metrics import Metrics
+from proxy.shared import replica_name
 from proxy.shared.buckets import Limiter
 from proxy.shutdown import Drain
 from proxy.upstream.backends import Backends
@@ -82,7 +82,7 @@ class Gateway:
             slots = SharedSlots(shared, kick=gate.dispatch)
             gate.share_with(slots, config.shared.replicas)
             shared.on_change.append(lambda _up: gate.dispatch())
-        metrics.identify(shared.replica if shared else _replica_name(config.shared.replica))
+        metrics.identify(replica_name(config.shared.replica))
         # The scripts read Redis's clock, the same for every replica; a test's fake clock
         # is passed to them instead.
         script_clock = None if clock is time.monotonic else clock
@@ -101,10 +101,6 @@ class Gateway:
             shared=shared,
             shared_slots=slots,
         )
-
-
-def _replica_name(configured: str) -> str:
-    return configured or socket.gethostname()[:32].lower()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

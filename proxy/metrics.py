@@ -201,6 +201,12 @@ class Metrics:
             "policy) or refusing (closed). Absent without shared state.",
             registry=r,
         )
+        self.replicas = Gauge(
+            "ollama_gateway_replicas",
+            "Gateway replicas configured to share the state (GATEWAY_REPLICAS), as this "
+            "replica was told. Absent without shared state.",
+            registry=r,
+        )
         self.info = Gauge(
             "ollama_proxy_info", "Gateway build information and replica name.", registry=r
         )

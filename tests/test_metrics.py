@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from aioprometheus.renderer import render
 
 from proxy.metrics import HistogramSeries, Metrics
@@ -53,3 +56,12 @@ def test_the_aioprometheus_internals_the_fast_path_writes_are_still_there() -> N
     metrics.observe(metrics.duration, {"endpoint": "/api/chat", "model": "m"}, 0.3)
     series = metrics.duration.get_value({"endpoint": "/api/chat", "model": "m"})
     assert isinstance(series, HistogramSeries), "histograms no longer keep the series given"
+
+
+def test_the_readme_documents_every_metric_and_only_those() -> None:
+    """The README's metrics table names each metric the gateway defines, and no other."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    documented = set(re.findall(r"`(ollama_\w+)", "\n".join(rows)))
+    assert documented == set(Metrics().registry.collectors)

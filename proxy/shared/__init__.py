@@ -6,7 +6,14 @@ Only this module's names are imported by a gateway without ``REDIS_URL``: the Re
 
 from __future__ import annotations
 
+import socket
+
 KEY_PREFIX = "ogw:"
+
+
+def replica_name(configured: str) -> str:
+    """This replica's name: ``REPLICA_ID``, else the host name (a container's id in compose)."""
+    return configured or socket.gethostname()[:32].lower()
 
 
 class Unavailable(Exception):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,7 +22,7 @@ from redis.exceptions import RedisError
 from proxy.config import SharedConfig
 from proxy.errors import SharedStateDownError
 from proxy.metrics import Metrics
-from proxy.shared import Unavailable
+from proxy.shared import Unavailable, replica_name
 
 log = structlog.get_logger("proxy.shared")
 T = TypeVar("T")
@@ -35,8 +34,9 @@ class SharedState:
 
     def __init__(self, config: SharedConfig, metrics: Metrics) -> None:
         self.config = config
-        self.replica = config.replica or socket.gethostname()[:32].lower()
+        self.replica = replica_name(config.replica)
         self.metrics = metrics
+        metrics.set(metrics.replicas, {}, config.replicas)
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             config.redis_url,
             socket_connect_timeout=config.timeout_s,

@@ -304,6 +304,7 @@ async def test_panels_count_each_backend_once_and_show_each_replica(
     assert await panel("Shared State Up by Replica") == {("a",): 1.0, ("b",): 1.0}
     assert await panel("Gateway Replicas Up", "A") == {(): 2.0}
     assert await panel("Gateway Replicas Up", "B") == {(): 2.0}
+    assert await panel("Gateway Replicas Up", "C") == {(): 2.0}  # GATEWAY_REPLICAS
     held = await panel("Slots Held by Replica")
     assert set(held) == {(backend, name) for backend in BACKENDS for name in REPLICAS}
     assert all(value == 0 for value in held.values()), "every request has ended"

@@ -29,6 +29,7 @@ REQUIRED_ALERTS = {
     "QueueSaturated",
     "RateLimitSpike",
     "SharedStateDown",
+    "GatewayReplicasMissing",
 }
 # Alerts whose thresholds have traffic or limit guards worth proving quiet.
 REQUIRED_QUIET_CASES = {
@@ -37,6 +38,7 @@ REQUIRED_QUIET_CASES = {
     "BackendDown",
     "QueueSaturated",
     "SharedStateDown",
+    "GatewayReplicasMissing",
 }
 
 

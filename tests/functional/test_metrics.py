@@ -119,6 +119,10 @@ async def test_every_error_type_and_reject_reason_starts_at_zero(
     assert metric(text, "ollama_upstream_retries_total") == 0
     assert metric(text, "ollama_proxy_info", version="0.1.0") == 1
     assert metric(text, "ollama_concurrency_slots") == 1
+    # Without shared state there is no fleet: its series are absent, not 0 (an alert on
+    # them would fire for every single gateway).
+    exported = {name for name, _ in names}
+    assert not exported & {"ollama_shared_state_up", "ollama_gateway_replicas"}
 
 
 async def test_upstream_gauges_follow_the_probe(

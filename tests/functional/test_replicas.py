@@ -146,6 +146,7 @@ async def test_one_slot_holds_across_replicas_and_metrics_sum_to_what_ollama_saw
     served = sum(metric(t, "ollama_requests_total", status="success") for t in texts)
     assert served == sum(1 for seen in fake.seen if seen.path == "/api/chat") == 12
     assert {metric(t, "ollama_shared_state_up") for t in texts} == {1}
+    assert {metric(t, "ollama_gateway_replicas") for t in texts} == {3}  # GATEWAY_REPLICAS
     names = sorted(r.name for r in replicas)
     assert names == sorted(
         label for t in texts for label in ("r1", "r2", "r3") if f'replica="{label}"' in t
