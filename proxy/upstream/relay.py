@@ -25,13 +25,8 @@ from proxy.exchange import Exchange
 from proxy.upstream.client import Interrupted, UpstreamError, UpstreamResponse
 from proxy.upstream.encodings import decoder_for
 from proxy.upstream.headers import forward_response_headers
-from proxy.upstream.scanners import (
-    DecodingScanner,
-    JsonScanner,
-    NdjsonScanner,
-    Scanner,
-    SseScanner,
-)
+from proxy.upstream.scanners import DecodingScanner, JsonScanner, NdjsonScanner, Scanner
+from proxy.upstream.sse import SseScanner
 
 log = structlog.get_logger("proxy.relay")
 

@@ -30,9 +30,9 @@ from proxy.upstream.scanners import (
     JsonScanner,
     NdjsonScanner,
     Scanner,
-    SseScanner,
     has_marker,
 )
+from proxy.upstream.sse import SseScanner
 from tests.reference import (
     Reading,
     check_stripped,
