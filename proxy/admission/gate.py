@@ -112,7 +112,7 @@ class Gate:
         self.closed: str | None = None  # why the gate admits no one any more
         # Slots shared with other replicas (Redis): leases there, waiters still here.
         self.shared: SharedSlots | None = None
-        self._share = 1  # while the shared state is down (open policy): 1/replicas each
+        self._replicas = 1  # while the shared state is down (open policy): 1/replicas each
         self._dispatching = False
         self._again = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -185,6 +185,11 @@ class Gate:
             if self._waiters:
                 self._spawn(self._dispatch_shared())
             return
+        if self.shared is not None and not self.shared.state.fails_open:
+            # Redis is out of reach and the policy is closed: no slot is handed out alone,
+            # and nobody waits for one that only Redis could give.
+            self._fail_all(self.shared.state.refuse)
+            return
         while self._waiters and self._serve_one():
             pass
 
@@ -241,8 +246,9 @@ class Gate:
                             continue
                         try:
                             target = await self._claim(waiter)
-                        except SharedStateDownError as refused:
-                            self._fail_all(refused)
+                        except SharedStateDownError:  # Redis is down, the policy closed
+                            assert self.shared is not None
+                            self._fail_all(self.shared.state.refuse)
                             return
                         if target is None:
                             full |= {t.name for t in waiter.eligible()}
@@ -274,11 +280,12 @@ class Gate:
             del self._waiters[client]
         waiter.future.set_result(target)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: Callable[[], BaseException]) -> None:
+        """Every waiter gets ``error()`` and leaves the queue."""
         for queue in self._waiters.values():
             for waiter in queue:
                 if not waiter.future.done():
-                    waiter.future.set_exception(error)
+                    waiter.future.set_exception(error())
         self._waiters.clear()
         self.queued = 0
 
@@ -290,12 +297,7 @@ class Gate:
     def close(self, reason: str) -> None:
         """Admit no one any more; every waiter is refused with 503 and ``reason``."""
         self.closed = reason
-        for queue in self._waiters.values():
-            for waiter in queue:
-                if not waiter.future.done():
-                    waiter.future.set_exception(ShuttingDownError(f"{reason}; retry later"))
-        self._waiters.clear()
-        self.queued = 0
+        self._fail_all(lambda: ShuttingDownError(f"{reason}; retry later"))
 
     def retry_after_s(self) -> int:
         """Seconds until a new request could expect a slot, from recent service times."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +13,14 @@ from typing import Any, TypeVar
 import pytest
 import structlog
 
+from proxy.admission.gate import Gate
 from proxy.config import SharedConfig
+from proxy.errors import SharedStateDownError
 from proxy.metrics import Metrics
+from proxy.shared import Unavailable
 from proxy.shared.slots import SharedSlots, lease_key
 from proxy.shared.state import SharedState
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, until_gate
 
 pytestmark = pytest.mark.timeout(20)
 T = TypeVar("T")
@@ -91,3 +96,48 @@ async def test_redis_down_at_start_up_is_said_once(tmp_path: Path) -> None:
     assert len(down) == 1
     assert "none.sock" in str(down[0]["error"])
     assert not shared.up
+
+
+@dataclass(eq=False)
+class Backend(Box):
+    active: int = 0
+
+
+@pytest.mark.parametrize("wake", ["the slot frees", "the shared state goes down"])
+async def test_closed_policy_refuses_every_waiter_when_redis_goes(
+    redis_server: RedisServer, wake: str
+) -> None:
+    """Requests wait for the one slot; Redis stops. Under the closed policy each waiter gets
+    its own 503 (SharedStateDownError), whichever wake-up finds Redis gone: the freed slot's
+    dispatch, or the state going down (a gateway dispatches on every transition). None of
+    them is served alone, as the open policy would."""
+    config = SharedConfig(
+        redis_url=redis_server.url, timeout_s=0.5, lease_s=30, replica="r1", on_failure="closed"
+    )
+    state = SharedState(config, Metrics())
+    await state.start()
+    gate = Gate(max_queue=4, max_queue_per_client=2, queue_timeout_s=15, clock=time.monotonic)
+    slots = SharedSlots(state, kick=gate.dispatch)
+    gate.share_with(slots, replicas=2)
+    state.on_change.append(lambda _up: gate.dispatch())
+    backend = Backend("b1")
+    try:
+        holder, _ = await gate.acquire("holder", lambda: [backend])
+        waiting = [asyncio.create_task(gate.acquire(client, lambda: [backend])) for client in "abc"]
+        await until_gate(gate, lambda: gate.queued == len(waiting))
+        await asyncio.gather(*gate._tasks)  # each found the slot taken, and stopped
+        redis_server.stop()
+        if wake == "the slot frees":
+            gate.release(holder, None)
+        else:
+            with contextlib.suppress(Unavailable):
+                await state.call(state.redis.ping())  # finds Redis gone: marked down
+        results = await asyncio.wait_for(
+            asyncio.gather(*waiting, return_exceptions=True), timeout=5
+        )
+    finally:
+        await slots.close()
+        await state.close()
+    assert all(isinstance(result, SharedStateDownError) for result in results), results
+    assert len({id(result) for result in results}) == len(results)  # one error each
+    assert (gate.queued, backend.active) == (0, 0 if wake == "the slot frees" else 1)
