@@ -133,7 +133,7 @@ class Gate:
         queue is full."""
         target = best(waiter.eligible(), waiter.model, waiter.prefer, self._alone_share())
         if target is not None:
-            self._take(target)
+            self._take_alone(target)
             return target
         self._enqueue(waiter)
         return None
@@ -201,7 +201,7 @@ class Gate:
                 target = best(waiter.eligible(), waiter.model, waiter.prefer, self._alone_share())
                 if target is None:
                     continue
-                self._take(target)
+                self._take_alone(target)
                 self._hand(client, queue, waiter, target)
                 return True
         return False
@@ -209,6 +209,12 @@ class Gate:
     def _take(self, target: Target) -> None:
         target.active += 1
         self.active += 1
+
+    def _take_alone(self, target: Target) -> None:
+        """Take a slot without Redis: none is configured, or it is out of reach."""
+        self._take(target)
+        if self.shared is not None:
+            self.shared.hold_alone(target.name)
 
     def _alone_share(self) -> int:
         """1, or the number of replicas while shared slots are out of reach (open policy)."""
@@ -224,7 +230,10 @@ class Gate:
         except Unavailable:
             if not self.shared.state.fails_open:
                 raise self.shared.state.refuse() from None
-            return best(waiter.eligible(), waiter.model, waiter.prefer, self._alone_share())
+            alone = best(waiter.eligible(), waiter.model, waiter.prefer, self._alone_share())
+            if alone is not None:  # the caller takes it: a lease name for the renewal
+                self.shared.hold_alone(alone.name)
+            return alone
         return cast(Target | None, claimed)
 
     async def _dispatch_shared(self) -> None:
@@ -347,7 +356,7 @@ class Gate:
                 raise self.shared.state.refuse()
             target = best(eligible(), model, prefer, self._alone_share())
             if target is not None:
-                self._take(target)
+                self._take_alone(target)
                 return target, 0.0
         waiter = waiter or Waiter(client, eligible, model, prefer)
         queued_at = self._clock()

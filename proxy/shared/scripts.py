@@ -130,18 +130,19 @@ return {0, soonest}
 )
 
 # KEYS: lease sets, one per lease (repeated as needed). ARGV: lease ms, then the members in
-# the order of KEYS. Extends each lease that still exists; returns how many were gone.
+# the order of KEYS: every request of this replica that holds a slot. Extends each lease,
+# and puts back the ones that are gone (they lapsed while Redis was out of reach, Redis lost
+# them, or the request was admitted alone): the request still runs on that backend, so its
+# slot is taken whatever the set said. Returns how many were put back.
 RENEW = (
     _NOW
     + """
 local lease_ms = tonumber(ARGV[1])
 local until_ms = math.floor(now_s(nil) * 1000) + lease_ms
-local gone = 0
+local restored = 0
 for i, key in ipairs(KEYS) do
-  if redis.call('ZADD', key, 'XX', 'CH', until_ms, ARGV[i + 1]) == 0 then
-    if redis.call('ZSCORE', key, ARGV[i + 1]) == false then gone = gone + 1 end
-  end
+  restored = restored + redis.call('ZADD', key, until_ms, ARGV[i + 1])
 end
-return gone
+return restored
 """
 )

@@ -7,6 +7,11 @@ there is room, on the best candidate backend. The replica renews its leases ever
 channel, so that every replica with a waiter that can use that backend tries at once (one
 claim each, no polling). A replica that dies keeps its leases only until they expire: a
 waiter finding every candidate full is woken when the soonest lease there expires.
+
+A request admitted alone while Redis was out of reach (open policy) gets a lease name too,
+and a renewal puts back every lease of a running request that Redis no longer has; the
+first renewal runs as soon as Redis answers again. So after an outage the other replicas
+see what each backend really runs within a round trip, instead of until those requests end.
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ class SharedSlots:
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._renew_now = asyncio.Event()
+        # A renewal puts back the leases it is given, so a release must not overtake it: a
+        # lease removed while its renewal is on the way would come back, held by nobody.
+        # Releases wait while one is on its way (they do not wait for each other).
+        self._not_renewing = asyncio.Event()
+        self._not_renewing.set()
+        state.on_change.append(self._state_changed)
 
     async def start(self) -> None:
         self._background = [
@@ -99,13 +111,17 @@ class SharedSlots:
         self.held.setdefault(backend.name, []).append(member)
         return backend
 
+    def hold_alone(self, backend: str) -> None:
+        """A request took a slot on ``backend`` without Redis (it was out of reach): its
+        lease is written by the first renewal once Redis answers."""
+        self.held.setdefault(backend, []).append(f"{self.state.replica}:{next(self._ids)}")
+
     def release(self, backend: str) -> None:
         """A request on ``backend`` ended: drop one of this replica's leases there and tell
         the others (sent, not awaited; should it fail, the lease expires on its own)."""
         members = self.held.get(backend)
-        if not members:
-            return  # taken while Redis was down: there is no lease
-        self._spawn(self._release(backend, members.pop()))
+        if members:
+            self._spawn(self._release(backend, members.pop()))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -115,6 +131,7 @@ class SharedSlots:
     async def _release(self, backend: str, member: str) -> None:
         redis = self.state.redis
         with contextlib.suppress(Unavailable):
+            await self._not_renewing.wait()
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(lease_key(backend), member)
                 pipe.publish(FREED, backend)
@@ -150,19 +167,31 @@ class SharedSlots:
         self._timer = None
         self._kick()
 
+    def _state_changed(self, up: bool) -> None:
+        if up:
+            self._renew_now.set()  # write the leases Redis lost or never had, now
+
     async def _renew_forever(self) -> None:
         every_s = self.state.config.lease_s / 3
         lease_ms = round(self.state.config.lease_s * 1000)
         while True:
-            await asyncio.sleep(every_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every_s):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
             keys = [lease_key(b) for b, members in self.held.items() for _ in members]
             members = [m for ms in self.held.values() for m in ms]
             if not members or not self.state.up:
                 continue
-            with contextlib.suppress(Unavailable):
-                gone = await self.state.call(self._renew(keys=keys, args=[lease_ms, *members]))
-                if int(gone):
-                    log.warning("slot_leases_lost", count=int(gone), replica=self.state.replica)
+            self._not_renewing.clear()
+            try:
+                restored = await self.state.call(self._renew(keys=keys, args=[lease_ms, *members]))
+            except Unavailable:
+                continue
+            finally:
+                self._not_renewing.set()
+            if int(restored):
+                log.warning("slot_leases_restored", count=int(restored), replica=self.state.replica)
 
     async def _listen_forever(self) -> None:
         """Slots freed on other replicas: try the waiters here that can use them."""

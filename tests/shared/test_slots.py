@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,3 +141,101 @@ async def test_closed_policy_refuses_every_waiter_when_redis_goes(
     assert all(isinstance(result, SharedStateDownError) for result in results), results
     assert len({id(result) for result in results}) == len(results)  # one error each
     assert (gate.queued, backend.active) == (0, 0 if wake == "the slot frees" else 1)
+
+
+@pytest.mark.parametrize("how", ["admitted alone", "lease lost with Redis"])
+async def test_when_redis_returns_the_running_requests_hold_their_slots_again(
+    redis_server: RedisServer, how: str
+) -> None:
+    """A request runs on the one slot without a lease in Redis: it was admitted alone while
+    Redis was out of reach (open policy), or Redis restarted empty under it. When Redis
+    answers again its lease is written at once, so another replica finds the slot taken
+    until the request ends, and free after."""
+    config = SharedConfig(redis_url=redis_server.url, timeout_s=0.5, lease_s=30, replica="r1")
+    state = SharedState(config, Metrics())
+    await state.start()
+    gate = Gate(max_queue=4, max_queue_per_client=2, queue_timeout_s=15, clock=time.monotonic)
+    slots = SharedSlots(state, kick=gate.dispatch)
+    gate.share_with(slots, replicas=1)
+    await slots.start()
+    renewed = asyncio.Event()
+    real_renew = slots._renew
+
+    def renew(**kwargs: Any) -> Awaitable[Any]:
+        async def run() -> Any:
+            try:
+                return await real_renew(**kwargs)
+            finally:
+                renewed.set()
+
+        return run()
+
+    slots._renew = renew  # type: ignore[assignment]
+    back = asyncio.Event()
+    state.on_change.append(lambda up: back.set() if up else None)
+    backend = Backend("b1")
+    other = SharedState(replace(config, replica="r2"), Metrics())
+    try:
+        if how == "lease lost with Redis":
+            running, _ = await gate.acquire("a", lambda: [backend])
+        redis_server.stop()
+        with contextlib.suppress(Unavailable):
+            await state.call(state.redis.ping())  # finds Redis gone: marked down
+        if how == "admitted alone":
+            running, _ = await gate.acquire("a", lambda: [backend])
+        redis_server.start()  # empty: --save ""
+        with structlog.testing.capture_logs() as logs:
+            async with asyncio.timeout(5):
+                await back.wait()  # the state's own ping found Redis again
+                await renewed.wait()
+        assert [line["count"] for line in logs if line["event"] == "slot_leases_restored"] == [1]
+        assert await leases(state, "b1") == 1
+        await other.start()
+        other_slots = SharedSlots(other, kick=lambda: None)
+        assert await other_slots.claim([backend], None, None) is None
+        gate.release(running, None)
+        await asyncio.gather(*slots._tasks)
+        assert await leases(state, "b1") == 0
+        assert await other_slots.claim([backend], None, None) is backend
+    finally:
+        await other.close()
+        await slots.close()
+        await state.close()
+
+
+async def test_a_release_never_overtakes_a_renewal_on_its_way(state: SharedState) -> None:
+    """A request ends while a renewal that includes its lease is on its way to Redis. The
+    renewal puts back leases it does not find, so were the release's removal to reach
+    Redis first, the lease would come back held by nobody, blocking the slot for a lease."""
+    gate = Gate(max_queue=4, max_queue_per_client=2, queue_timeout_s=15, clock=time.monotonic)
+    slots = SharedSlots(state, kick=gate.dispatch)
+    gate.share_with(slots, replicas=1)
+    await slots.start()
+    started, proceed, renewed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_renew = slots._renew
+
+    def renew(**kwargs: Any) -> Awaitable[Any]:
+        async def run() -> Any:
+            started.set()
+            await proceed.wait()
+            try:
+                return await real_renew(**kwargs)
+            finally:
+                renewed.set()
+
+        return run()
+
+    slots._renew = renew  # type: ignore[assignment]
+    backend = Backend("b1")
+    try:
+        running, _ = await gate.acquire("a", lambda: [backend])
+        slots._renew_now.set()
+        async with asyncio.timeout(5):
+            await started.wait()
+            gate.release(running, None)  # its removal is sent while the renewal waits
+            proceed.set()
+            await renewed.wait()
+            await asyncio.gather(*slots._tasks)
+        assert await leases(state, "b1") == 0
+    finally:
+        await slots.close()
