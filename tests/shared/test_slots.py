@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,6 +103,45 @@ class Backend(Box):
     active: int = 0
 
 
+def shared_gate(state: SharedState, replicas: int) -> tuple[Gate, SharedSlots]:
+    """A gate taking its slots as leases through ``state``, as a gateway's does."""
+    gate = Gate(max_queue=4, max_queue_per_client=2, queue_timeout_s=15, clock=time.monotonic)
+    slots = SharedSlots(state, kick=gate.dispatch)
+    gate.share_with(slots, replicas)
+    return gate, slots
+
+
+@dataclass
+class Renewals:
+    """The renewals of a ``SharedSlots``, watched: ``started`` as one is about to go to
+    Redis, which it does once ``proceed`` is set; ``done`` once its answer is back."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    proceed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def watch_renewals(slots: SharedSlots, *, proceed: bool = True) -> Renewals:
+    watched = Renewals()
+    if proceed:
+        watched.proceed.set()
+    real_renew = slots._renew
+
+    def renew(**kwargs: Any) -> Awaitable[Any]:
+        async def run() -> Any:
+            watched.started.set()
+            await watched.proceed.wait()
+            try:
+                return await real_renew(**kwargs)
+            finally:
+                watched.done.set()
+
+        return run()
+
+    slots._renew = renew  # type: ignore[assignment]
+    return watched
+
+
 @pytest.mark.parametrize("wake", ["the slot frees", "the shared state goes down"])
 async def test_closed_policy_refuses_every_waiter_when_redis_goes(
     redis_server: RedisServer, wake: str
@@ -116,9 +155,7 @@ async def test_closed_policy_refuses_every_waiter_when_redis_goes(
     )
     state = SharedState(config, Metrics())
     await state.start()
-    gate = Gate(max_queue=4, max_queue_per_client=2, queue_timeout_s=15, clock=time.monotonic)
-    slots = SharedSlots(state, kick=gate.dispatch)
-    gate.share_with(slots, replicas=2)
+    gate, slots = shared_gate(state, replicas=2)
     state.on_change.append(lambda _up: gate.dispatch())
     backend = Backend("b1")
     try:
@@ -154,23 +191,9 @@ async def test_when_redis_returns_the_running_requests_hold_their_slots_again(
     config = SharedConfig(redis_url=redis_server.url, timeout_s=0.5, lease_s=30, replica="r1")
     state = SharedState(config, Metrics())
     await state.start()
-    gate = Gate(max_queue=4, max_queue_per_client=2, queue_timeout_s=15, clock=time.monotonic)
-    slots = SharedSlots(state, kick=gate.dispatch)
-    gate.share_with(slots, replicas=1)
+    gate, slots = shared_gate(state, replicas=1)
     await slots.start()
-    renewed = asyncio.Event()
-    real_renew = slots._renew
-
-    def renew(**kwargs: Any) -> Awaitable[Any]:
-        async def run() -> Any:
-            try:
-                return await real_renew(**kwargs)
-            finally:
-                renewed.set()
-
-        return run()
-
-    slots._renew = renew  # type: ignore[assignment]
+    renewals = watch_renewals(slots)
     back = asyncio.Event()
     state.on_change.append(lambda up: back.set() if up else None)
     backend = Backend("b1")
@@ -187,7 +210,7 @@ async def test_when_redis_returns_the_running_requests_hold_their_slots_again(
         with structlog.testing.capture_logs() as logs:
             async with asyncio.timeout(5):
                 await back.wait()  # the state's own ping found Redis again
-                await renewed.wait()
+                await renewals.done.wait()
         assert [line["count"] for line in logs if line["event"] == "slot_leases_restored"] == [1]
         assert await leases(state, "b1") == 1
         await other.start()
@@ -207,34 +230,18 @@ async def test_a_release_never_overtakes_a_renewal_on_its_way(state: SharedState
     """A request ends while a renewal that includes its lease is on its way to Redis. The
     renewal puts back leases it does not find, so were the release's removal to reach
     Redis first, the lease would come back held by nobody, blocking the slot for a lease."""
-    gate = Gate(max_queue=4, max_queue_per_client=2, queue_timeout_s=15, clock=time.monotonic)
-    slots = SharedSlots(state, kick=gate.dispatch)
-    gate.share_with(slots, replicas=1)
+    gate, slots = shared_gate(state, replicas=1)
     await slots.start()
-    started, proceed, renewed = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    real_renew = slots._renew
-
-    def renew(**kwargs: Any) -> Awaitable[Any]:
-        async def run() -> Any:
-            started.set()
-            await proceed.wait()
-            try:
-                return await real_renew(**kwargs)
-            finally:
-                renewed.set()
-
-        return run()
-
-    slots._renew = renew  # type: ignore[assignment]
+    renewals = watch_renewals(slots, proceed=False)
     backend = Backend("b1")
     try:
         running, _ = await gate.acquire("a", lambda: [backend])
         slots._renew_now.set()
         async with asyncio.timeout(5):
-            await started.wait()
+            await renewals.started.wait()
             gate.release(running, None)  # its removal is sent while the renewal waits
-            proceed.set()
-            await renewed.wait()
+            renewals.proceed.set()
+            await renewals.done.wait()
             await asyncio.gather(*slots._tasks)
         assert await leases(state, "b1") == 0
     finally:
