@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -86,6 +87,25 @@ def stack_files(*, two_boxes: bool = False, replicas: bool = False) -> list[Path
     if two_boxes and replicas:
         files.append(TWO_BOXES_REPLICAS_PATH)
     return files
+
+
+def files_just_chooses(just: str, workdir: Path, settings: str | None) -> list[str]:
+    """The compose files (``deploy/...``) that `just` passes for a deploy/.env holding
+    ``settings`` (None: no deploy/.env). It runs a copy of the Justfile in ``workdir``, beside
+    its own deploy/.env: the developer's is never touched."""
+    shutil.copy(REPO / "Justfile", workdir / "Justfile")
+    (workdir / "deploy").mkdir()
+    if settings is not None:
+        (workdir / "deploy" / ".env").write_text(f"PROXY_PORT=8000\n{settings}\n")
+    result = subprocess.run(
+        [just, "--justfile", str(workdir / "Justfile"), "--evaluate", "compose"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=workdir,
+    )
+    return re.findall(r"-f (\S+)", result.stdout)
 
 
 def compose(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tests.deploy.compose import (
     docker_compose_config,
     env_example,
     environment,
+    files_just_chooses,
     mount_target,
     raw_compose,
     stack_files,
@@ -377,20 +377,8 @@ def test_the_justfile_adds_the_replicas_files(
 ) -> None:
     """`just` gives compose the replicas override exactly when deploy/.env says
     GATEWAY_REPLICAS=2 or more, and the two-box replicas file when it says OLLAMA_BOXES=2 too."""
-    binary = require_tool("just", "just (or pip install rust-just)")
-    # A copy of the Justfile beside its own deploy/.env: the developer's is never touched.
-    shutil.copy(REPO / "Justfile", tmp_path / "Justfile")
-    (tmp_path / "deploy").mkdir()
-    (tmp_path / "deploy" / ".env").write_text(f"PROXY_PORT=8000\n{settings}\n")
-    result = subprocess.run(
-        [binary, "--justfile", str(tmp_path / "Justfile"), "--evaluate", "compose"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        cwd=tmp_path,
-    )
-    chosen = re.findall(r"-f (\S+)", result.stdout)
+    just = require_tool("just", "just (or pip install rust-just)")
+    chosen = files_just_chooses(just, tmp_path, settings)
     assert chosen == [f"deploy/{name}" for name in files]
     two_boxes = "compose.two-boxes.yaml" in files
     replicas = "compose.replicas.yaml" in files

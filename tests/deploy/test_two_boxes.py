@@ -4,7 +4,6 @@ stack, and how the Justfile chooses between them."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +22,7 @@ from tests.deploy.compose import (
     docker_compose_config,
     env_example,
     environment,
+    files_just_chooses,
     raw_compose,
     stack_files,
 )
@@ -175,21 +175,8 @@ def test_the_justfile_chooses_the_compose_files_from_deploy_env(
     tmp_path: Path, setting: str | None, files: list[str]
 ) -> None:
     """`just` gives compose the two-box override exactly when deploy/.env says OLLAMA_BOXES=2."""
-    binary = require_tool("just", "just (or pip install rust-just)")
-    # A copy of the Justfile beside its own deploy/.env: the developer's is never touched.
-    shutil.copy(REPO / "Justfile", tmp_path / "Justfile")
-    (tmp_path / "deploy").mkdir()
-    if setting is not None:
-        (tmp_path / "deploy" / ".env").write_text(f"PROXY_PORT=8000\n{setting}\n")
-    result = subprocess.run(
-        [binary, "--justfile", str(tmp_path / "Justfile"), "--evaluate", "compose"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        cwd=tmp_path,
-    )
-    assert re.findall(r"-f (\S+)", result.stdout) == files
+    just = require_tool("just", "just (or pip install rust-just)")
+    assert files_just_chooses(just, tmp_path, setting) == files
     assert {REPO / name for name in files} <= set(COMPOSE_FILES)
 
 
