@@ -125,6 +125,15 @@ async def fake() -> AsyncIterator[FakeOllama]:
 
 
 @pytest.fixture
+async def second_fake() -> AsyncIterator[FakeOllama]:
+    """Another fake Ollama, for a gateway's second backend."""
+    server = FakeOllama(FakeOllamaConfig())
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
 async def gateway_factory(fake: FakeOllama) -> AsyncIterator[GatewayFactory]:
     servers: list[TestServer] = []
 

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from loadtest.fake_ollama import FakeOllama, FakeOllamaConfig
+from loadtest.fake_ollama import FakeOllama
 from loadtest.fake_ollama.recorder import SeenRequest
 from proxy import routes
 from proxy.__main__ import main
@@ -224,15 +224,6 @@ def test_arguments_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch)
 
 
 # --- several backends: --backend, sent as X-Backend -------------------------------------------
-
-
-@pytest.fixture
-async def second_fake() -> AsyncIterator[FakeOllama]:
-    """Another fake Ollama, the gateway's second backend."""
-    server = FakeOllama(FakeOllamaConfig())
-    await server.start()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

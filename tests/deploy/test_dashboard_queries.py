@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from loadtest.fake_ollama import MODE_HEADER, FakeOllama, FakeOllamaConfig
+from loadtest.fake_ollama import MODE_HEADER, FakeOllama
 from tests.conftest import MODEL, GatewayFactory, RedisServer, RunningGateway
 from tests.deploy.dashboard import Query, load_dashboard, queries, rule_expressions
 from tests.deploy.prometheus import PrometheusServer
@@ -32,15 +32,6 @@ DATA_DEADLINE_S = 45.0
 BACKENDS = {"main", "second"}
 REPLICAS = ("a", "b")
 Monitored = tuple[list[RunningGateway], PrometheusServer]
-
-
-@pytest.fixture
-async def second_fake() -> AsyncIterator[FakeOllama]:
-    """Another fake Ollama, for the gateway's second backend."""
-    server = FakeOllama(FakeOllamaConfig())
-    await server.start()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

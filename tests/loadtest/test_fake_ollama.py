@@ -43,14 +43,6 @@ GENERATE_FINAL_KEYS = [
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeOllama]:
-    server = FakeOllama()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture
 async def native(fake: FakeOllama) -> AsyncIterator[ollama.AsyncClient]:
     client = ollama.AsyncClient(host=fake.url)
     yield client
