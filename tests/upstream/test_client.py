@@ -324,13 +324,19 @@ class StubTransport:
         return False
 
 
-async def test_reading_pauses_while_unread_body_piles_up() -> None:
-    pool = Pool("127.0.0.1", 9, tls=None, connect_timeout_s=1)
-    connection = UpstreamConnection(pool)
+def stub_exchange() -> tuple[UpstreamConnection, StubTransport, UpstreamResponse]:
+    """A connection on a stub transport with a response in flight: bytes are fed to it by
+    hand, and the transport says whether it is reading."""
+    connection = UpstreamConnection(Pool("127.0.0.1", 9, tls=None, connect_timeout_s=1))
     transport = StubTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     response = UpstreamResponse(connection, head_only=False)
     connection.response = response
+    return connection, transport, response
+
+
+async def test_reading_pauses_while_unread_body_piles_up() -> None:
+    connection, transport, response = stub_exchange()
     part = b"x" * (200 * 1024)
     connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (3 * len(part)))
     connection.data_received(part)
@@ -504,12 +510,7 @@ async def test_a_post_on_a_stale_connection_is_never_sent_twice(
 
 async def test_the_idle_timer_does_not_count_a_pause_for_a_slow_reader() -> None:
     """Reading paused because the gateway's client is slow: not the upstream's silence."""
-    pool = Pool("127.0.0.1", 9, tls=None, connect_timeout_s=1)
-    connection = UpstreamConnection(pool)
-    transport = StubTransport()
-    connection.connection_made(transport)  # type: ignore[arg-type]
-    response = UpstreamResponse(connection, head_only=False)
-    connection.response = response
+    connection, transport, response = stub_exchange()
     response.start_timer(5.0, 0.1)
     part = b"x" * (300 * 1024)
     connection.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * len(part)))
